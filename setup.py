@@ -1,0 +1,15 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="eomt",
+    version="0.1.0",
+    description="Encoder-only Mask Transformer: a plain ViT for image segmentation",
+    packages=find_packages(include=["eomt", "eomt.*"]),
+    package_data={"eomt": ["defaults.yaml"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch", "torchvision", "timm", "scipy", "pycocotools", "numpy", "pillow",
+        "omegaconf", "tqdm", "safetensors",
+    ],
+    extras_require={"wandb": ["wandb"]},
+)
