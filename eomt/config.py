@@ -1,0 +1,142 @@
+"""YAML configs: `_BASE_` inheritance, strict keys and types, `key=value` overrides.
+
+Every valid key is listed with its default in `eomt/defaults.yaml`; a key missing there is a
+typo, and the error names it with the closest valid keys.
+"""
+
+import difflib
+from pathlib import Path
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
+# Keys whose value is a free-form mapping (passed through to another library).
+FREE_FORM_KEYS = {"model.backbone_kwargs"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and path not in FREE_FORM_KEYS:
+            flat.update(_flatten(value, path + "."))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _coerce(key: str, value, default, source: str):
+    """Return `value` converted to the type of `default`, or raise naming key and source."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, list):
+        if isinstance(value, list):
+            return value
+    elif isinstance(default, dict):
+        if isinstance(value, dict):
+            return value
+    raise ConfigError(
+        f"{source}: key '{key}' expects {type(default).__name__} "
+        f"(default {default!r}), got {type(value).__name__} {value!r}"
+    )
+
+
+def _check_key(key: str, valid: dict, source: str) -> None:
+    if key not in valid:
+        close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _load_file(path: Path, valid: dict, seen: tuple = ()) -> dict:
+    """Flat {key: value} of a config file with its bases applied first."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: _BASE_ cycle through {' -> '.join(map(str, seen))}")
+    data = _read_yaml(path)
+    bases = data.pop("_BASE_", [])
+    values = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        values.update(_load_file(path.parent / base, valid, seen + (path,)))
+    for key, value in _flatten(data).items():
+        _check_key(key, valid, str(path))
+        values[key] = _coerce(key, value, valid[key], str(path))
+    return values
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def _unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def get_cfg(
+    path: str | Path | None = None, overrides: list[str] | dict | None = None
+) -> DictConfig:
+    """The defaults, updated by the config file at `path` and then by `overrides`.
+
+    `overrides` is a list of "key=value" strings (as on the command line) or a dict.
+    """
+    valid = _flatten(_read_yaml(DEFAULTS_FILE))
+    values = dict(valid)
+    if path is not None:
+        values.update(_load_file(Path(path), valid))
+    items = (
+        overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    )
+    for key, value in items:
+        _check_key(key, valid, "override")
+        values[key] = _coerce(key, value, valid[key], "override")
+    cfg = OmegaConf.create(_unflatten(values))
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
+def cfg_from_dict(data: dict) -> DictConfig:
+    """Rebuild a config saved as a plain dict (e.g. inside a checkpoint), checked like a file."""
+    return get_cfg(overrides=_flatten(data))
