@@ -1,0 +1,49 @@
+"""Train and evaluate EoMT.
+
+    python tools/train_net.py --config-file configs/synthetic/eomt_tiny_panoptic.yaml
+    python tools/train_net.py --config-file CFG --num-gpus 4 solver.lr=2e-4
+    python tools/train_net.py --config-file CFG --eval-only model.weights=path/to/model.pth
+    python tools/train_net.py --config-file CFG --resume      # continue from the last checkpoint
+
+Multi-node: start one process per GPU with torchrun (it sets WORLD_SIZE, RANK, LOCAL_RANK).
+"""
+
+import argparse
+
+from eomt.config import get_cfg
+from eomt.engine.distributed import launch
+from eomt.engine.trainer import Trainer
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config-file", required=True, help="YAML config")
+    parser.add_argument(
+        "--eval-only",
+        action="store_true",
+        help="evaluate (model.weights or, with --resume, the last checkpoint)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument(
+        "--num-gpus", type=int, default=1, help="processes on this machine (one per GPU)"
+    )
+    parser.add_argument("overrides", nargs="*", help="config overrides: key=value")
+    return parser.parse_args(argv)
+
+
+def main(args) -> None:
+    cfg = get_cfg(args.config_file, args.overrides)
+    trainer = Trainer(cfg)
+    if args.resume:
+        trainer.resume()
+    if args.eval_only:
+        trainer.test()
+    else:
+        trainer.train()
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    launch(main, args.num_gpus, (args,))
