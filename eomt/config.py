@@ -137,6 +137,8 @@ def get_cfg(
     return cfg
 
 
-def cfg_from_dict(data: dict) -> DictConfig:
+def cfg_from_dict(data: dict | DictConfig) -> DictConfig:
     """Rebuild a config saved as a plain dict (e.g. inside a checkpoint), checked like a file."""
+    if isinstance(data, DictConfig):
+        data = OmegaConf.to_container(data)
     return get_cfg(overrides=_flatten(data))

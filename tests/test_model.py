@@ -1,0 +1,140 @@
+import pytest
+import torch
+
+from eomt.config import get_cfg
+from eomt.modeling import EoMT, build_model, build_vit
+
+NUM_QUERIES, NUM_CLASSES = 6, 4
+
+
+def tiny_eomt(masked_attn="anneal", backbone="vit_small_patch14_reg4_dinov2", blocks=2):
+    vit = build_vit(backbone, img_size=(32, 48), patch_size=8, embed_dim=32, depth=3, num_heads=2)
+    return EoMT(vit, NUM_CLASSES, NUM_QUERIES, num_query_blocks=blocks, masked_attn=masked_attn)
+
+
+@pytest.fixture
+def images():
+    return torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "mode, training, expected",
+    [
+        ("anneal", True, 3),  # one before each of the 2 query blocks, then the final one
+        ("anneal", False, 1),
+        ("always", True, 3),
+        ("always", False, 3),
+        ("never", True, 1),
+        ("never", False, 1),
+    ],
+)
+def test_output_shapes_and_length_per_mode(images, mode, training, expected):
+    model = tiny_eomt(mode).train(training)
+    predictions = model(images)
+    assert len(predictions) == expected
+    for prediction in predictions:
+        assert prediction["mask_logits"].shape == (2, NUM_QUERIES, 8, 12)  # 1/4 of 32 x 48
+        assert prediction["class_logits"].shape == (2, NUM_QUERIES, NUM_CLASSES + 1)
+
+
+def test_patch16_upsamples_twice():
+    vit = build_vit(
+        "vit_small_patch14_reg4_dinov2", (64, 32), 16, embed_dim=32, depth=2, num_heads=2
+    )
+    model = EoMT(vit, NUM_CLASSES, NUM_QUERIES, num_query_blocks=1).eval()
+    assert len(model.upscale) == 2
+    assert model(torch.rand(1, 3, 64, 32))[0]["mask_logits"].shape == (1, NUM_QUERIES, 16, 8)
+
+
+def test_attention_mask_only_query_to_patch_follows_masks():
+    model = tiny_eomt()
+    torch.manual_seed(0)
+    logits = torch.randn(2, NUM_QUERIES, 8, 12)
+    mask = model.attention_mask(logits, prob=1.0)[:, 0]
+    first_patch = NUM_QUERIES + model.backbone.num_prefix_tokens
+    grid = model.backbone.patch_embed.grid_size
+    assert mask.shape == (2, first_patch + grid[0] * grid[1], first_patch + grid[0] * grid[1])
+    # Everything but the query-to-patch block is open.
+    assert mask[:, NUM_QUERIES:].all()
+    assert mask[:, :NUM_QUERIES, :first_patch].all()
+    # p = 1: the query-to-patch block is exactly "resized logit > 0".
+    resized = torch.nn.functional.interpolate(logits, grid, mode="bilinear")
+    assert torch.equal(mask[:, :NUM_QUERIES, first_patch:], (resized > 0).flatten(2))
+    assert not mask[:, :NUM_QUERIES, first_patch:].all()
+
+
+def test_attention_mask_probability():
+    model = tiny_eomt()
+    logits = torch.full((1, NUM_QUERIES, 8, 12), -5.0)  # every query predicts an empty mask
+    assert model.attention_mask(logits, prob=0.0) is None  # p = 0 never masks
+    torch.manual_seed(0)
+    first_patch = NUM_QUERIES + model.backbone.num_prefix_tokens
+    kept = []
+    for _ in range(400):
+        block = model.attention_mask(logits, prob=0.3)[0, 0, :NUM_QUERIES, first_patch:]
+        rows_masked = ~block.all(dim=1)
+        # A query is either fully masked (kept its mask) or fully open (mask dropped).
+        assert torch.equal(block.any(dim=1), ~rows_masked)
+        kept.append(rows_masked.float().mean())
+    assert abs(torch.stack(kept).mean().item() - 0.3) < 0.03
+
+
+def test_unmasked_path_equals_all_open_mask(images):
+    model = tiny_eomt("always").eval()
+    model.attn_mask_probs.zero_()  # p = 0 everywhere: the masked path with nothing masked
+    with torch.no_grad():
+        masked_path = model(images)[-1]
+        model.masked_attn = "never"
+        plain = model(images)[-1]
+        # And an explicit all-open boolean mask gives the same as no mask.
+        x = torch.randn(2, 10, 32)
+        block = model.backbone.blocks[-1]
+        open_mask = torch.ones(2, 1, 10, 10, dtype=torch.bool)
+        torch.testing.assert_close(block(x, attn_mask=open_mask), block(x))
+    for key in ("mask_logits", "class_logits"):
+        torch.testing.assert_close(masked_path[key], plain[key])
+
+
+def test_masking_changes_the_result(images):
+    model = tiny_eomt("always").eval()
+    with torch.no_grad():
+        masked = model(images)[-1]["mask_logits"]
+        model.attn_mask_probs.zero_()
+        open_ = model(images)[-1]["mask_logits"]
+    assert not torch.allclose(masked, open_)
+
+
+def test_rope_backbone_treats_queries_as_prefix(images):
+    model = tiny_eomt(backbone="vit_small_patch16_dinov3").train()
+    model.attn_mask_probs.fill_(0.5)
+    predictions = model(images)
+    assert len(predictions) == 3
+    prefix = model.backbone.num_prefix_tokens
+    assert model.backbone.blocks[-1].attn.num_prefix_tokens == prefix + NUM_QUERIES
+    assert model.backbone.blocks[0].attn.num_prefix_tokens == prefix
+    predictions[-1]["mask_logits"].sum().backward()
+    assert model.queries.weight.grad is not None
+
+
+def test_build_model_from_config_and_bad_options():
+    cfg = get_cfg(
+        overrides=[
+            "model.backbone=vit_small_patch14_reg4_dinov2",
+            "model.pretrained=false",
+            "model.backbone_kwargs={embed_dim: 32, depth: 4, num_heads: 2}",
+            "input.image_size=[32, 32]",
+            "model.num_queries=5",
+            "model.num_classes=7",
+            "model.num_query_blocks=2",
+        ]
+    )
+    model = build_model(cfg)
+    assert model.queries.weight.shape == (5, 32)
+    assert model.class_head.out_features == 8
+    assert len(model.query_blocks) == 2
+    with pytest.raises(ValueError, match="masked_attn"):
+        tiny_eomt("sometimes")
+    with pytest.raises(ValueError, match="num_query_blocks"):
+        tiny_eomt(blocks=4)
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        build_vit("vit_small_patch14_reg4_dinov2", (32, 32), 8, weights="nope.safetensors")
