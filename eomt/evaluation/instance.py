@@ -1,0 +1,170 @@
+"""Instance segmentation mask AP through pycocotools' COCOeval, with everything kept in memory."""
+
+import contextlib
+import copy
+import io
+
+import numpy as np
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from eomt.evaluation.semantic import gather_states, to_numpy
+
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def _encode_masks(masks: np.ndarray) -> list[dict]:
+    """COCO compressed RLEs of (N, H, W) boolean masks."""
+    return mask_util.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+
+
+class InstanceEvaluator:
+    """COCO mask AP (``COCOeval(iouType="segm")``) over thing classes, in percent.
+
+    Ground truth keeps only thing categories (``isthing``) and non-empty masks; crowd masks are
+    passed to COCOeval as ``iscrowd`` regions. Predictions of non-thing classes are dropped.
+    Summary values COCOeval cannot define (e.g. APs without small objects) are NaN, as are the
+    per-class APs of classes without ground truth.
+    """
+
+    def __init__(self, categories: list[dict], verbose: bool = False):
+        self.categories = categories
+        self.verbose = verbose
+        self.thing_labels = [i for i, category in enumerate(categories) if category["isthing"]]
+        self.reset()
+
+    def reset(self) -> None:
+        self.images: list[dict] = []
+        self.gt_annotations: list[dict] = []
+        self.predictions: list[dict] = []
+
+    def process(self, image_id: int, gt: dict, pred: dict) -> None:
+        """Add one image.
+
+        ``gt``: ``masks`` (N, H, W), ``labels`` (N,), ``is_crowd`` (N,).
+        ``pred``: ``masks`` (M, H, W) bool, ``scores`` (M,), ``labels`` (M,) contiguous labels.
+        """
+        image_id = int(image_id)
+        gt_masks = to_numpy(gt["masks"]).astype(bool)
+        gt_labels = to_numpy(gt["labels"]).astype(np.int64)
+        gt_crowd = to_numpy(gt["is_crowd"]).astype(bool)
+        pred_masks = to_numpy(pred["masks"]).astype(bool)
+        pred_scores = to_numpy(pred["scores"]).astype(np.float64)
+        pred_labels = to_numpy(pred["labels"]).astype(np.int64)
+        if gt_masks.ndim != 3:
+            raise ValueError(f"image {image_id}: gt masks must be (N, H, W), got {gt_masks.shape}")
+        height, width = gt_masks.shape[1:]
+        if pred_masks.shape[1:] != (height, width) or pred_masks.ndim != 3:
+            raise ValueError(
+                f"image {image_id}: pred masks {pred_masks.shape} do not match the ground-truth "
+                f"size ({height}, {width})"
+            )
+        if not (len(pred_masks) == len(pred_scores) == len(pred_labels)):
+            raise ValueError(
+                f"image {image_id}: pred masks, scores and labels differ in length "
+                f"({len(pred_masks)}, {len(pred_scores)}, {len(pred_labels)})"
+            )
+        self.images.append({"id": image_id, "height": height, "width": width})
+
+        keep_gt = np.isin(gt_labels, self.thing_labels) & gt_masks.any(axis=(1, 2))
+        gt_rles = _encode_masks(gt_masks[keep_gt])
+        for rle, area, box, label, crowd in zip(
+            gt_rles,
+            mask_util.area(gt_rles),
+            mask_util.toBbox(gt_rles),
+            gt_labels[keep_gt].tolist(),
+            gt_crowd[keep_gt].tolist(),
+        ):
+            self.gt_annotations.append(
+                {
+                    "image_id": image_id,
+                    "category_id": self.categories[label]["id"],
+                    "segmentation": rle,
+                    "area": float(area),
+                    "bbox": box.tolist(),
+                    "iscrowd": int(crowd),
+                }
+            )
+
+        keep_pred = np.isin(pred_labels, self.thing_labels)
+        pred_rles = _encode_masks(pred_masks[keep_pred])
+        for rle, score, label in zip(
+            pred_rles, pred_scores[keep_pred].tolist(), pred_labels[keep_pred].tolist()
+        ):
+            # No "bbox" key: loadRes would then take the box area as the mask area.
+            self.predictions.append(
+                {
+                    "image_id": image_id,
+                    "category_id": self.categories[label]["id"],
+                    "segmentation": rle,
+                    "score": score,
+                }
+            )
+
+    def state(self) -> dict[str, list[dict]]:
+        return {
+            "images": self.images,
+            "gt_annotations": self.gt_annotations,
+            "predictions": self.predictions,
+        }
+
+    @staticmethod
+    def merge_states(states: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+        merged = {key: [entry for state in states for entry in state[key]] for key in states[0]}
+        image_ids = [image["id"] for image in merged["images"]]
+        if len(set(image_ids)) != len(image_ids):
+            raise ValueError("InstanceEvaluator: the same image_id was processed more than once")
+        return merged
+
+    def compute(self, state: dict[str, list[dict]]) -> dict:
+        """AP metrics (percent) and per-class AP from merged images, ground truth, predictions."""
+        thing_categories = [self.categories[label] for label in self.thing_labels]
+        if not state["predictions"]:
+            return {
+                **{key: 0.0 for key in SUMMARY_KEYS},
+                "per_class": [
+                    {"name": category["name"], "AP": 0.0} for category in thing_categories
+                ],
+            }
+
+        coco_gt = COCO()
+        coco_gt.dataset = {
+            "images": state["images"],
+            "annotations": [
+                {**annotation, "id": index + 1}
+                for index, annotation in enumerate(state["gt_annotations"])
+            ],
+            "categories": [{"id": c["id"], "name": c["name"]} for c in thing_categories],
+        }
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            coco_gt.createIndex()
+            # loadRes writes ids and areas into the dicts it gets, so it gets copies.
+            coco_dt = coco_gt.loadRes(copy.deepcopy(state["predictions"]))
+            coco_eval = COCOeval(coco_gt, coco_dt, iouType="segm")
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+            coco_eval.summarize()
+        if self.verbose:
+            print(log.getvalue())
+
+        results = {
+            key: 100 * float(value) if value >= 0 else float("nan")
+            for key, value in zip(SUMMARY_KEYS, coco_eval.stats[: len(SUMMARY_KEYS)])
+        }
+        # precision: (iou thresholds, recall points, classes, area ranges, max detections);
+        # area range 0 is "all", the last max-detections setting is 100.
+        precision = coco_eval.eval["precision"]
+        name_by_dataset_id = {category["id"]: category["name"] for category in thing_categories}
+        results["per_class"] = []
+        for class_index, dataset_id in enumerate(coco_eval.params.catIds):
+            class_precision = precision[:, :, class_index, 0, -1]
+            class_precision = class_precision[class_precision > -1]
+            ap = 100 * float(class_precision.mean()) if class_precision.size else float("nan")
+            results["per_class"].append({"name": name_by_dataset_id[dataset_id], "AP": ap})
+        return results
+
+    def evaluate(self) -> dict:
+        """Metrics over the images processed on all ranks (same result on every rank)."""
+        return self.compute(self.merge_states(gather_states(self.state())))
