@@ -65,7 +65,8 @@ class Trainer:
         self.output_dir = Path(cfg.output_dir)
         self.iteration = 0
         torch.manual_seed(cfg.seed + dist.rank())
-        self.model = build_model(cfg).to(self.device)
+        # A full checkpoint to come replaces the backbone's pretrained weights.
+        self.model = build_model(cfg, backbone_weights=not cfg.model.weights).to(self.device)
         if cfg.model.weights:
             load_checkpoint(self.model, cfg.model.weights)
         self.criterion = build_criterion(cfg).to(self.device)
@@ -78,6 +79,7 @@ class Trainer:
         self.amp = s.amp if self.device.type == "cuda" else "none"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.test_set = None
+        self.categories = None  # of the training data, saved with the weights
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -90,6 +92,7 @@ class Trainer:
             "iteration": self.iteration,
             "rng": _gather_rng_states(),
             "cfg": OmegaConf.to_container(self.cfg),
+            "categories": self.categories,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -136,7 +139,9 @@ class Trainer:
         if dist.is_main():
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-        loader = iter(build_train_loader(cfg, self.iteration, accumulation, dist.rank(), world))
+        train_loader = build_train_loader(cfg, self.iteration, accumulation, dist.rank(), world)
+        self.categories = train_loader.dataset.dataset.categories
+        loader = iter(train_loader)
         metrics_file = self.output_dir / "metrics.jsonl"
         wandb_run = self._start_wandb() if dist.is_main() else None
         progress = tqdm(

@@ -2,15 +2,16 @@ from eomt.modeling.backbone import build_vit, embed_tokens
 from eomt.modeling.eomt import EoMT
 
 
-def build_model(cfg) -> EoMT:
-    """The EoMT model a config describes, with the backbone's pretrained weights if asked."""
+def build_model(cfg, backbone_weights: bool = True) -> EoMT:
+    """The EoMT model a config describes, with the backbone's pretrained weights if asked
+    (`backbone_weights=False` skips them, when a full checkpoint is loaded next)."""
     m = cfg.model
     backbone = build_vit(
         m.backbone,
         img_size=tuple(cfg.input.image_size),
         patch_size=m.patch_size,
-        pretrained=m.pretrained,
-        weights=m.backbone_weights,
+        pretrained=m.pretrained and backbone_weights,
+        weights=m.backbone_weights if backbone_weights else "",
         **m.backbone_kwargs,
     )
     return EoMT(

@@ -1,0 +1,42 @@
+import pytest
+
+from eomt.config import get_cfg
+from eomt.data import generate_synthetic_dataset
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small synthetic dataset on disk, shared by the tests that train or evaluate."""
+    root = tmp_path_factory.mktemp("synthetic_shared")
+    generate_synthetic_dataset(root, num_train=8, num_val=4, seed=5)
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(synthetic_root, tmp_path):
+    """A config for a very small EoMT on the synthetic dataset; extra overrides as arguments."""
+
+    def make(*overrides):
+        return get_cfg(
+            "configs/synthetic/eomt_tiny_panoptic.yaml",
+            [
+                f"dataset.root={synthetic_root}",
+                f"output_dir={tmp_path / 'run'}",
+                "model.backbone_kwargs={embed_dim: 32, depth: 3, num_heads: 2}",
+                "input.image_size=[64, 64]",
+                "model.num_queries=8",
+                "loss.num_points=256",
+                "solver.batch_size=4",
+                "solver.batch_size_per_device=2",
+                "solver.max_iter=6",
+                "solver.warmup_iters=[2, 2]",
+                "test.metrics=[panoptic]",
+                "test.num_vis=0",
+                "dataloader.num_workers=0",
+                "checkpoint_period=3",
+                "log_period=1",
+                *overrides,
+            ],
+        )
+
+    return make

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+
+from eomt.engine.checkpoint import last_checkpoint, read_checkpoint
+from eomt.engine.trainer import Trainer, accumulation_steps
+from eomt.predictor import Predictor
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_gives_identical_parameters(tiny_cfg, tmp_path, monkeypatch):
+    # Masked attention is annealed across the run, and two accumulation steps per iteration.
+    overrides = ["model.anneal_start=[1, 2]", "model.anneal_end=[3, 5]"]
+    uninterrupted = Trainer(tiny_cfg(*overrides, f"output_dir={tmp_path / 'a'}"))
+    uninterrupted.train()
+
+    cfg = tiny_cfg(*overrides, f"output_dir={tmp_path / 'b'}")
+    first = Trainer(cfg)
+    original_save = Trainer.save
+
+    def save_then_die(self):
+        original_save(self)
+        raise Interrupted
+
+    monkeypatch.setattr(Trainer, "save", save_then_die)
+    with pytest.raises(Interrupted):
+        first.train()
+    monkeypatch.setattr(Trainer, "save", original_save)
+    assert read_checkpoint(last_checkpoint(tmp_path / "b"))["iteration"] == 3
+
+    resumed = Trainer(cfg)
+    assert resumed.resume()
+    assert resumed.iteration == 3
+    resumed.train()
+    for (name, a), b in zip(
+        uninterrupted.model.state_dict().items(), resumed.model.state_dict().values()
+    ):
+        assert torch.equal(a, b), name
+    losses = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in "ab"]
+    final_a = [r["loss"] for r in losses[0] if "loss" in r]
+    final_b = [r["loss"] for r in losses[1] if "loss" in r]
+    assert final_a == final_b[:3] + final_b[3:]  # same losses at every logged iteration
+    assert [r for r in losses[0] if "panoptic/PQ" in r] == [
+        r for r in losses[1] if "panoptic/PQ" in r
+    ]
+
+
+def test_accumulation_must_divide_the_batch(tiny_cfg):
+    assert accumulation_steps(tiny_cfg(), world=1) == 2
+    with pytest.raises(ValueError, match="not a multiple"):
+        accumulation_steps(tiny_cfg("solver.batch_size=6", "solver.batch_size_per_device=4"), 1)
+
+
+def test_overfits_a_few_images(tiny_cfg, synthetic_root):
+    cfg = tiny_cfg(
+        "solver.max_iter=120",
+        "solver.batch_size=4",
+        "solver.batch_size_per_device=4",
+        "input.scale_range=[1.0, 1.0]",
+        "checkpoint_period=1000",
+        "log_period=10",
+        "test.metrics=[panoptic, semantic, instance]",
+    )
+    trainer = Trainer(cfg)
+    results = trainer.train()
+    records = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert losses[-1] < 0.5 * losses[0]
+    assert set(results) == {"panoptic", "semantic", "instance"}
+    # The trainer's checkpoint is enough to predict with.
+    predictor = Predictor.from_checkpoint(f"{cfg.output_dir}/model_0000120.pth")
+    image = torch.rand(3, 50, 70)
+    segmentation, segments = predictor(image, "panoptic")
+    assert segmentation.shape == (50, 70)
+    assert predictor(image, "semantic").shape == (50, 70)
+    assert predictor(image, "instance")["masks"].shape[1:] == (50, 70)
