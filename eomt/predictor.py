@@ -4,20 +4,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from eomt.config import cfg_from_dict
+from eomt.data import load_image
 from eomt.engine.checkpoint import load_checkpoint, read_checkpoint
 from eomt.engine.inference import postprocess, predict_logits
 from eomt.modeling import build_model
 
 
-def load_image(image) -> torch.Tensor:
+def as_image_tensor(image) -> torch.Tensor:
     """A path, PIL image, uint8 array (H, W, 3) or float tensor (3, H, W) -> float (3, H, W)."""
     if isinstance(image, (str, Path)):
-        with Image.open(image) as f:
-            image = ImageOps.exif_transpose(f).convert("RGB")
+        return load_image(image)
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
@@ -55,7 +55,7 @@ class Predictor:
         return cls(model, cfg, checkpoint["categories"], device)
 
     def __call__(self, image, task: str | None = None):
-        image = load_image(image)
+        image = as_image_tensor(image)
         mask_logits, class_logits = predict_logits(
             self.model, [image], self.cfg.input.image_size, self.cfg.solver.amp
         )[0]

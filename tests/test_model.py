@@ -138,3 +138,24 @@ def test_build_model_from_config_and_bad_options():
         tiny_eomt(blocks=4)
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         build_vit("vit_small_patch14_reg4_dinov2", (32, 32), 8, weights="nope.safetensors")
+
+
+def test_backbone_weights_from_a_local_file_are_resampled(tmp_path):
+    # A "pretrained" DINOv2-style file at patch 14 and 28 x 28 pixels (a 2 x 2 grid) ...
+    kwargs = dict(embed_dim=32, depth=2, num_heads=2)
+    source = build_vit("vit_small_patch14_reg4_dinov2", (28, 28), 14, **kwargs)
+    weights = tmp_path / "backbone.pth"
+    torch.save(source.state_dict(), weights)
+    # ... loaded at patch 16 on a 4 x 4 grid: timm resamples the patch embedding and resizes the
+    # position embedding; everything else is copied as is.
+    vit = build_vit("vit_small_patch14_reg4_dinov2", (64, 64), 16, weights=str(weights), **kwargs)
+    assert vit.patch_embed.proj.weight.shape == (32, 3, 16, 16)
+    assert vit.pos_embed.shape[1] == 16
+    torch.testing.assert_close(vit.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
+    torch.testing.assert_close(vit.reg_token, source.reg_token)
+    # A flat patch of colour gives the same embedding at both patch sizes (FlexiViT resampling
+    # preserves the response to a constant input up to interpolation error).
+    flat = torch.full((1, 3, 14, 14), 0.3)
+    expected = torch.nn.functional.conv2d(flat, source.patch_embed.proj.weight)
+    got = torch.nn.functional.conv2d(torch.full((1, 3, 16, 16), 0.3), vit.patch_embed.proj.weight)
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)

@@ -13,15 +13,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from eomt.data.coco_panoptic import COCOPanopticDataset
-from eomt.data.transforms import TrainTransforms
+from eomt.data.synthetic import synthetic_split_paths
+from eomt.data.transforms import TrainTransforms, collate
 
 
 def _synthetic_panoptic(root: Path, split: str, transforms) -> Dataset:
+    paths = synthetic_split_paths(root, split)
     return COCOPanopticDataset(
-        image_dir=root / "images" / split,
-        json_file=root / "annotations" / f"panoptic_{split}.json",
-        png_dir=root / "annotations" / f"panoptic_{split}",
-        transforms=transforms,
+        paths["image_dir"], paths["panoptic_json"], paths["panoptic_png_dir"], transforms
     )
 
 
@@ -100,11 +99,6 @@ class StreamSampler(Sampler):
             micro_step += 1
 
 
-def collate_lists(batch):
-    images, targets = zip(*batch)
-    return list(images), list(targets)
-
-
 def build_train_loader(cfg, start_iter: int, accumulation: int, rank: int, world: int):
     """Batches (images (b, 3, H, W), targets) of this process, from `start_iter` on, endless."""
     dataset = SeededStream(build_dataset(cfg, cfg.dataset.train_split, train=True), cfg.seed)
@@ -114,7 +108,7 @@ def build_train_loader(cfg, start_iter: int, accumulation: int, rank: int, world
         batch_size=b,
         sampler=StreamSampler(start_iter, accumulation, b, rank, world),
         num_workers=cfg.dataloader.num_workers,
-        collate_fn=collate_lists,
+        collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=cfg.dataloader.num_workers > 0,
         # A loader of its own draws worker seeds without touching the global RNG.
@@ -141,5 +135,5 @@ def build_test_loader(cfg, dataset: Dataset, rank: int = 0, world: int = 1) -> D
         batch_size=cfg.test.batch_size,
         sampler=ShardSampler(len(dataset), rank, world),
         num_workers=cfg.dataloader.num_workers,
-        collate_fn=collate_lists,
+        collate_fn=collate,
     )

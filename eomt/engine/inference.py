@@ -25,7 +25,7 @@ from eomt.evaluation import (
     panoptic_inference,
     semantic_inference,
 )
-from eomt.visualize import draw_panoptic, side_by_side
+from eomt.visualize import draw_panoptic, side_by_side, upscale_factor
 
 TASKS = ("panoptic", "semantic", "instance")
 
@@ -160,9 +160,10 @@ def evaluate(model, loader, cfg, categories: list[dict], output_dir: str | None,
 def _draw(vis_dir, image, target, seg, segments, gt_seg, gt_segments, categories):
     vis_dir.mkdir(parents=True, exist_ok=True)
     picture = _to_uint8(image)
+    scale = upscale_factor(*picture.shape[:2])  # draw_panoptic enlarges small images too
     panel = side_by_side(
         [
-            picture,
+            picture.repeat(scale, axis=0).repeat(scale, axis=1),
             draw_panoptic(picture, gt_seg, gt_segments, categories),
             draw_panoptic(picture, seg.cpu().numpy(), segments, categories),
         ],
