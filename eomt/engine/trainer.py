@@ -5,6 +5,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -133,6 +134,9 @@ class Trainer:
         accumulation = accumulation_steps(cfg, world)
         model = self.model
         if world > 1:
+            # The depthwise convs' weight gradients differ from DDP's buckets only in the stride
+            # of a size-1 dimension; the warning it prints for that is noise.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(self.model, device_ids=device_ids)
         forward = torch.compile(model) if s.compile else model
