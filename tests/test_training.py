@@ -1,7 +1,9 @@
 import json
+import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from eomt.data import generate_synthetic_dataset
 from eomt.engine.checkpoint import last_checkpoint, read_checkpoint
@@ -15,7 +17,8 @@ class Interrupted(Exception):
 
 def test_resume_gives_identical_parameters(tiny_cfg, tmp_path, monkeypatch):
     # Masked attention is annealed across the run, and two accumulation steps per iteration.
-    overrides = ["model.anneal_start=[1, 2]", "model.anneal_end=[3, 5]"]
+    # An evaluation every 2 iterations must not disturb the run either.
+    overrides = ["model.anneal_start=[1, 2]", "model.anneal_end=[3, 5]", "test.eval_period=2"]
     uninterrupted = Trainer(tiny_cfg(*overrides, f"output_dir={tmp_path / 'a'}"))
     uninterrupted.train()
 
@@ -86,3 +89,24 @@ def test_overfits_a_few_images(tiny_cfg, tmp_path):
     assert segmentation.shape == (50, 70)
     assert predictor(image, "semantic").shape == (50, 70)
     assert predictor(image, "instance")["masks"].shape[1:] == (50, 70)
+
+
+def test_command_line_train_then_eval_only(tiny_cfg, tmp_path, capsys):
+    sys.path.insert(0, "tools")
+    try:
+        import train_net
+    finally:
+        sys.path.pop(0)
+    cfg = tiny_cfg("solver.max_iter=2")
+    config_file = tmp_path / "tiny.yaml"
+    OmegaConf.save(cfg, config_file)
+    train_net.main(train_net.parse_args(["--config-file", str(config_file)]))
+    trained = capsys.readouterr().out.strip().splitlines()[-1]
+    assert trained.startswith("PQ ")
+    eval_only = ["--config-file", str(config_file), "--eval-only"]
+    train_net.main(
+        train_net.parse_args([*eval_only, f"model.weights={cfg.output_dir}/model_0000002.pth"])
+    )
+    assert capsys.readouterr().out.strip().splitlines()[-1] == trained
+    with pytest.raises(ValueError, match="unknown config key 'solver.lrr'"):
+        train_net.main(train_net.parse_args([*eval_only, "solver.lrr=1"]))

@@ -16,7 +16,7 @@ def default_anneal_steps(total_iters: int, num_blocks: int) -> tuple[list[int], 
     duration = total_iters / 6
     spacing = total_iters / 2 / (num_blocks - 1) if num_blocks > 1 else 0.0
     starts = [_round_half_up(duration + k * spacing) for k in range(num_blocks)]
-    ends = [start + _round_half_up(duration) for start in starts]
+    ends = [start + max(1, _round_half_up(duration)) for start in starts]
     return starts, ends
 
 
