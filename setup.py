@@ -8,8 +8,16 @@ setup(
     package_data={"eomt": ["defaults.yaml"]},
     python_requires=">=3.10",
     install_requires=[
-        "torch", "torchvision", "timm", "scipy", "pycocotools", "numpy", "pillow",
-        "omegaconf", "tqdm", "safetensors",
+        "torch",
+        "torchvision",
+        "timm",
+        "scipy",
+        "pycocotools",
+        "numpy",
+        "pillow",
+        "omegaconf",
+        "tqdm",
+        "safetensors",
     ],
     extras_require={"wandb": ["wandb"]},
 )
