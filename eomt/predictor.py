@@ -10,7 +10,7 @@ from torchvision.transforms.v2 import functional as TF
 from eomt.config import cfg_from_dict
 from eomt.data import load_image
 from eomt.engine.checkpoint import load_checkpoint, read_checkpoint
-from eomt.engine.inference import postprocess, predict_logits
+from eomt.engine.inference import infer
 from eomt.modeling import build_model
 
 
@@ -55,10 +55,7 @@ class Predictor:
         return cls(model, cfg, checkpoint["categories"], device)
 
     def __call__(self, image, task: str | None = None):
-        image = as_image_tensor(image)
-        mask_logits, class_logits = predict_logits(
-            self.model, [image], self.cfg.input.image_size, self.cfg.solver.amp
-        )[0]
-        return postprocess(
-            task or self.cfg.task, mask_logits, class_logits, self.categories, self.cfg.test
-        )
+        task = task or self.cfg.task
+        return infer(self.model, [as_image_tensor(image)], self.cfg, self.categories, [task])[0][
+            task
+        ]

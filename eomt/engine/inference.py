@@ -1,11 +1,14 @@
 """From images to task results and metrics: input geometry, post-processing, evaluation loop.
 
-Panoptic and instance inference resize an image's long side to the input size and zero-pad it
-to a square; the predicted mask logits are cropped back to the image and resized to its
-original size before post-processing.
+Panoptic and instance inference resize an image's long side to the input size and zero-pad it;
+the predicted mask logits are cropped back to the image and resized to its original size before
+post-processing. Semantic inference (a model trained for the semantic task) resizes the short
+side to the input size and predicts overlapping square windows along the long side, averaging
+the per-pixel class scores where windows overlap.
 """
 
 import json
+import math
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -38,9 +41,53 @@ def resize_and_pad(image: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Te
     height, width = image.shape[-2:]
     scale = min(size[0] / height, size[1] / width)
     inner = (round(height * scale), round(width * scale))
-    resized = F.interpolate(image[None], inner, mode="bilinear", antialias=True)[0]
-    padded = F.pad(resized, (0, size[1] - inner[1], 0, size[0] - inner[0]))
+    padded = F.pad(_resize(image, inner), (0, size[1] - inner[1], 0, size[0] - inner[0]))
     return padded, inner
+
+
+def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    return F.interpolate(image[None], size, mode="bilinear", antialias=True)[0]
+
+
+def window_starts(length: int, window: int) -> list[int]:
+    """Starts of the fewest windows of `window` pixels covering `length`, evenly overlapping."""
+    count = math.ceil(length / window)
+    overlap = count * window - length
+    step = window - (overlap / (count - 1) if count > 1 else 0)
+    return [int(i * step) for i in range(count)]
+
+
+@torch.no_grad()
+def predict_semantic_windows(model, images: list[torch.Tensor], window: int, amp: str = "none"):
+    """Per-pixel class scores (C, H, W) of each image from square windows of `window` pixels."""
+    device = next(model.parameters()).device
+    crops, origins = [], []
+    for index, image in enumerate(images):
+        height, width = image.shape[-2:]
+        scale = window / min(height, width)
+        resized = _resize(image.to(device), (round(height * scale), round(width * scale)))
+        long_dim = 1 if resized.shape[1] > resized.shape[2] else 2
+        for start in window_starts(resized.shape[long_dim], window):
+            crops.append(resized.narrow(long_dim, start, window))
+            origins.append((index, long_dim, start, resized.shape[1:]))
+    with autocast_for(device, amp):
+        prediction = model(torch.stack(crops))[-1]
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, torch.Tensor] = {}
+    for crop, (index, long_dim, start, size) in enumerate(origins):
+        mask_logits = F.interpolate(
+            prediction["mask_logits"][crop : crop + 1].float(), (window, window), mode="bilinear"
+        )[0]
+        scores = semantic_inference(mask_logits, prediction["class_logits"][crop].float())
+        if index not in sums:
+            sums[index] = scores.new_zeros(scores.shape[0], *size)
+            counts[index] = scores.new_zeros(1, *size)
+        sums[index].narrow(long_dim, start, window).add_(scores)
+        counts[index].narrow(long_dim, start, window).add_(1)
+    return [
+        F.interpolate((sums[i] / counts[i])[None], tuple(image.shape[-2:]), mode="bilinear")[0]
+        for i, image in enumerate(images)
+    ]
 
 
 def restore_logits(mask_logits: torch.Tensor, inner: tuple, size: tuple, original: tuple):
@@ -99,6 +146,26 @@ def postprocess(task: str, mask_logits, class_logits, categories: list[dict], te
     raise ValueError(f"unknown task '{task}', expected one of {TASKS}")
 
 
+def infer(model, images: list[torch.Tensor], cfg, categories: list[dict], tasks) -> list[dict]:
+    """Per image, {task: result} for each of `tasks` (see `postprocess`), with the input
+    geometry of the model's task."""
+    if cfg.task == "semantic":
+        if set(tasks) != {"semantic"}:
+            raise ValueError(
+                f"a model trained for the semantic task gives semantic results only, not {tasks}"
+            )
+        size = cfg.input.image_size
+        if size[0] != size[1]:
+            raise ValueError(f"semantic inference uses square windows; input.image_size is {size}")
+        scores = predict_semantic_windows(model, images, size[0], cfg.solver.amp)
+        return [{"semantic": s.argmax(0)} for s in scores]
+    logits = predict_logits(model, images, cfg.input.image_size, cfg.solver.amp)
+    return [
+        {task: postprocess(task, mask_logits, class_logits, categories, cfg.test) for task in tasks}
+        for mask_logits, class_logits in logits
+    ]
+
+
 def build_evaluators(metrics, categories: list[dict]) -> dict:
     names = [c["name"] for c in categories]
     factories = {
@@ -130,12 +197,9 @@ def evaluate(model, loader, cfg, categories: list[dict], output_dir: str | None,
     vis_dir = Path(output_dir, "vis") if output_dir and cfg.test.num_vis > 0 else None
     num_drawn = 0
     for images, targets in tqdm(loader, desc="eval", disable=not show, leave=False):
-        logits = predict_logits(model, images, cfg.input.image_size, cfg.solver.amp)
-        for image, target, (mask_logits, class_logits) in zip(images, targets, logits):
-            results = {
-                metric: postprocess(metric, mask_logits, class_logits, categories, cfg.test)
-                for metric in evaluators
-            }
+        for image, target, results in zip(
+            images, targets, infer(model, images, cfg, categories, list(evaluators))
+        ):
             masks, labels, crowd = target["masks"], target["labels"], target["is_crowd"]
             if "panoptic" in results:
                 gt_seg, gt_segments = masks_to_panoptic(masks, labels, crowd, is_thing)
