@@ -69,7 +69,9 @@ class Trainer:
         # A full checkpoint to come replaces the backbone's pretrained weights.
         self.model = build_model(cfg, backbone_weights=not cfg.model.weights).to(self.device)
         if cfg.model.weights:
-            load_checkpoint(self.model, cfg.model.weights)
+            report = load_checkpoint(self.model, cfg.model.weights, cfg.model.weights_strict)
+            if dist.is_main() and any(report.values()):
+                print(f"not loaded from {cfg.model.weights}: {report}")
         self.criterion = build_criterion(cfg).to(self.device)
         s = cfg.solver
         self.optimizer = build_optimizer(self.model, s.lr, s.weight_decay, s.llrd)

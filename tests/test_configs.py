@@ -1,0 +1,67 @@
+"""Every shipped config loads, and the paper's configs carry the paper's values."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from eomt.config import get_cfg
+from eomt.engine.annealing import MaskAnnealing
+from eomt.modeling import build_model
+
+CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml"))
+
+# (config, task, classes, queries, L2, input, iterations, anneal starts, anneal ends): the
+# official configs' values (shared/paper_tables.md, section 6).
+COCO_L = ([14782, 29564, 44346, 59128], [29564, 44346, 59128, 73910])
+COCO_SB_2X = ([29564, 73910, 118256], [59128, 103474, 147820])
+COCO_G = ([14782, 25869, 36955, 48042, 59128], [29564, 40651, 51737, 62824, 73910])
+ADE_L = ([6520, 13040, 19560, 26080], [13040, 19560, 26080, 32600])
+ADE_G = ([6520, 11410, 16300, 21190, 26080], [13040, 17930, 22820, 27710, 32600])
+CITYSCAPES = ([3317, 6634, 9951, 13268], [6634, 9951, 13268, 16585])
+PAPER = [
+    ("coco/panoptic/eomt_large_640", "panoptic", 133, 200, 4, 640, *COCO_L),
+    ("coco/panoptic/eomt_large_1280", "panoptic", 133, 200, 4, 1280, *COCO_L),
+    ("coco/panoptic/eomt_giant_640", "panoptic", 133, 200, 5, 640, *COCO_G),
+    ("coco/panoptic/eomt_small_640_2x", "panoptic", 133, 200, 3, 640, *COCO_SB_2X),
+    ("coco/panoptic/eomt_base_640_2x", "panoptic", 133, 200, 3, 640, *COCO_SB_2X),
+    ("coco/instance/eomt_large_640", "instance", 80, 200, 4, 640, *COCO_L),
+    ("ade20k/panoptic/eomt_large_640", "panoptic", 150, 200, 4, 640, *ADE_L),
+    ("ade20k/panoptic/eomt_giant_1280", "panoptic", 150, 200, 5, 1280, *ADE_G),
+    ("ade20k/semantic/eomt_large_512", "semantic", 150, 100, 4, 512, *ADE_L),
+    ("cityscapes/semantic/eomt_large_1024", "semantic", 19, 100, 4, 1024, *CITYSCAPES),
+]
+
+
+@pytest.mark.parametrize("path", CONFIGS)
+def test_every_config_loads(path):
+    cfg = get_cfg(path)
+    assert cfg.solver.batch_size % cfg.solver.batch_size_per_device == 0
+    assert cfg.task in cfg.test.metrics
+
+
+@pytest.mark.parametrize("name, task, classes, queries, blocks, size, starts, ends", PAPER)
+def test_paper_configs(name, task, classes, queries, blocks, size, starts, ends):
+    cfg = get_cfg(f"configs/{name}.yaml")
+    assert (cfg.task, cfg.model.num_classes, cfg.model.num_queries) == (task, classes, queries)
+    assert cfg.model.num_query_blocks == blocks
+    assert list(cfg.input.image_size) == [size, size]
+    assert cfg.solver.batch_size == 16 and cfg.model.patch_size == 16
+    annealing = MaskAnnealing.from_cfg(cfg)
+    assert (annealing.starts, annealing.ends) == (starts, ends)
+
+
+@pytest.mark.parametrize(
+    "name, millions",
+    [
+        ("coco/panoptic/eomt_small_640", 24),
+        ("coco/panoptic/eomt_base_640", 93),
+        ("coco/panoptic/eomt_large_640", 316),
+        ("coco/panoptic/eomt_giant_640", 1164),
+    ],
+)
+def test_parameter_counts_match_the_paper(name, millions):
+    cfg = get_cfg(f"configs/{name}.yaml", ["model.pretrained=false"])
+    with torch.device("meta"):  # shapes only: no memory, no time
+        model = build_model(cfg)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6) == pytest.approx(millions, abs=1)
