@@ -18,6 +18,7 @@ setup(
         "omegaconf",
         "tqdm",
         "safetensors",
+        "fvcore",
     ],
     extras_require={"wandb": ["wandb"]},
 )
