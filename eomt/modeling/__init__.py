@@ -6,6 +6,8 @@ def build_model(cfg, backbone_weights: bool = True) -> EoMT:
     """The EoMT model a config describes, with the backbone's pretrained weights if asked
     (`backbone_weights=False` skips them, when a full checkpoint is loaded next)."""
     m = cfg.model
+    if m.name != "eomt":
+        raise ValueError(f"model.name '{m.name}' is not one of ['eomt']")
     backbone = build_vit(
         m.backbone,
         img_size=tuple(cfg.input.image_size),
