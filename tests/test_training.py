@@ -24,16 +24,18 @@ def test_resume_gives_identical_parameters(tiny_cfg, tmp_path, monkeypatch):
 
     cfg = tiny_cfg(*overrides, f"output_dir={tmp_path / 'b'}")
     first = Trainer(cfg)
-    original_save = Trainer.save
+    original_log = Trainer._log
 
-    def save_then_die(self):
-        original_save(self)
-        raise Interrupted
+    def log_then_die(self, metrics_file, record, wandb_run):
+        # Dies at iteration 4: after logging it, before its checkpoint (every 3 iterations).
+        original_log(self, metrics_file, record, wandb_run)
+        if record["iteration"] == 4:
+            raise Interrupted
 
-    monkeypatch.setattr(Trainer, "save", save_then_die)
+    monkeypatch.setattr(Trainer, "_log", log_then_die)
     with pytest.raises(Interrupted):
         first.train()
-    monkeypatch.setattr(Trainer, "save", original_save)
+    monkeypatch.setattr(Trainer, "_log", original_log)
     assert read_checkpoint(last_checkpoint(tmp_path / "b"))["iteration"] == 3
 
     resumed = Trainer(cfg)
@@ -47,7 +49,8 @@ def test_resume_gives_identical_parameters(tiny_cfg, tmp_path, monkeypatch):
     losses = [[json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in "ab"]
     final_a = [r["loss"] for r in losses[0] if "loss" in r]
     final_b = [r["loss"] for r in losses[1] if "loss" in r]
-    assert final_a == final_b  # the same loss at every logged iteration
+    assert final_a == final_b  # the same loss at every logged iteration, none logged twice
+    assert [r["iteration"] for r in losses[0]] == [r["iteration"] for r in losses[1]]
     assert [r for r in losses[0] if "panoptic/PQ" in r] == [
         r for r in losses[1] if "panoptic/PQ" in r
     ]

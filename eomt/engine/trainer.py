@@ -120,6 +120,7 @@ class Trainer:
             return False
         self.load_state_dict(read_checkpoint(path))
         if dist.is_main():
+            _drop_records_after(self.output_dir / "metrics.jsonl", self.iteration)
             print(f"resumed from {path} at iteration {self.iteration}")
         return True
 
@@ -169,7 +170,10 @@ class Trainer:
             if self.iteration % cfg.log_period == 0 or self.iteration == s.max_iter:
                 record = {
                     "iteration": self.iteration,
-                    "lr": self.optimizer.param_groups[-1]["lr"],
+                    "lr": max(g["lr"] for g in self.optimizer.param_groups if not g["is_backbone"]),
+                    "backbone_lr": max(
+                        g["lr"] for g in self.optimizer.param_groups if g["is_backbone"]
+                    ),
                     "time_per_iter": (time.perf_counter() - start_time)
                     / (self.iteration - start_iter),
                     **losses,
@@ -265,6 +269,17 @@ class Trainer:
             dir=str(self.output_dir),
             mode=mode,
         )
+
+
+def _drop_records_after(metrics_file: Path, iteration: int) -> None:
+    """Forget what the interrupted run logged after its last checkpoint: it is redone."""
+    if not metrics_file.is_file():
+        return
+    lines = metrics_file.read_text().splitlines()
+    kept = [line for line in lines if line and json.loads(line)["iteration"] <= iteration]
+    tmp = metrics_file.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, metrics_file)
 
 
 def _gather_rng_states() -> list[dict]:
