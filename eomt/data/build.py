@@ -12,32 +12,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from eomt.data.coco_panoptic import COCOPanopticDataset
-from eomt.data.synthetic import synthetic_split_paths
+from eomt.data.layouts import DATASET_LAYOUTS
 from eomt.data.transforms import TrainTransforms, collate
-
-
-def _synthetic_panoptic(root: Path, split: str, transforms) -> Dataset:
-    paths = synthetic_split_paths(root, split)
-    return COCOPanopticDataset(
-        paths["image_dir"], paths["panoptic_json"], paths["panoptic_png_dir"], transforms
-    )
-
-
-def _coco_panoptic(root: Path, split: str, transforms) -> Dataset:
-    return COCOPanopticDataset(
-        image_dir=root / f"{split}2017",
-        json_file=root / "annotations" / f"panoptic_{split}2017.json",
-        png_dir=root / "annotations" / f"panoptic_{split}2017",
-        transforms=transforms,
-    )
-
-
-# dataset.name -> function(root, split, transforms) building the dataset from its folder layout.
-DATASET_LAYOUTS = {
-    "synthetic_panoptic": _synthetic_panoptic,
-    "coco_panoptic": _coco_panoptic,
-}
 
 
 def build_dataset(cfg, split: str, train: bool) -> Dataset:

@@ -1,6 +1,5 @@
 """Reader for datasets in the COCO instance format (polygon or RLE segmentations)."""
 
-import colorsys
 import contextlib
 import io
 from collections.abc import Callable
@@ -11,13 +10,9 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from eomt.data.categories import distinct_color
 from eomt.data.coco_panoptic import load_image, load_json, require_keys
-
-
-def _distinct_color(index: int) -> list[int]:
-    """A display colour for categories whose JSON has none: hues spaced by the golden ratio."""
-    hue = (index * 0.618033988749895) % 1.0
-    return [round(255 * channel) for channel in colorsys.hsv_to_rgb(hue, 0.75, 0.95)]
+from eomt.data.files import DataPath, resolve_path
 
 
 class COCOInstanceDataset(Dataset):
@@ -27,10 +22,13 @@ class COCOInstanceDataset(Dataset):
     """
 
     def __init__(
-        self, image_dir: str | Path, json_file: str | Path, transforms: Callable | None = None
+        self,
+        image_dir: "str | Path | DataPath",
+        json_file: "str | Path | DataPath",
+        transforms: Callable | None = None,
     ):
-        self.image_dir = Path(image_dir)
-        self.json_file = Path(json_file)
+        self.image_dir = resolve_path(image_dir)
+        self.json_file = resolve_path(json_file)
         self.transforms = transforms
         content = load_json(self.json_file)
         require_keys(content, ("images", "annotations", "categories"), str(self.json_file))
@@ -50,7 +48,7 @@ class COCOInstanceDataset(Dataset):
                 "id": category["id"],
                 "name": category["name"],
                 "isthing": 1,
-                "color": list(category.get("color", _distinct_color(index))),
+                "color": list(category.get("color", distinct_color(index))),
             }
             for index, category in enumerate(content["categories"])
         ]

@@ -1,5 +1,6 @@
 """Reader for datasets in the COCO panoptic format (JSON + segment-id PNGs)."""
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,24 +11,31 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as F
 
+from eomt.data.files import DataPath, resolve_path
 
-def load_image(path: str | Path) -> torch.Tensor:
-    """Read an image as a float32 RGB tensor (3, H, W) in [0, 1], EXIF orientation applied."""
-    path = Path(path)
+
+def open_image_file(path: "str | Path | DataPath", what: str = "Image file") -> Image.Image:
+    """Open an image from a folder or an archive; a missing file raises naming `what` and path."""
+    path = resolve_path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Image file not found: {path}")
-    with Image.open(path) as pil_image:
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return Image.open(io.BytesIO(path.read_bytes()))
+
+
+def load_image(path: "str | Path | DataPath") -> torch.Tensor:
+    """Read an image as a float32 RGB tensor (3, H, W) in [0, 1], EXIF orientation applied."""
+    with open_image_file(path) as pil_image:
         rgb = ImageOps.exif_transpose(pil_image).convert("RGB")
     return F.to_dtype(F.to_image(rgb), torch.float32, scale=True)
 
 
-def load_json(path: str | Path) -> dict:
+def load_json(path: "str | Path | DataPath") -> dict:
     """Read a JSON annotation file, with errors that name the file."""
-    path = Path(path)
+    path = resolve_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Annotation file not found: {path}")
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_bytes())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(content, dict):
@@ -42,11 +50,9 @@ def require_keys(entry: dict, keys: tuple[str, ...], where: str) -> None:
         raise ValueError(f"{where}: missing key(s) {missing} in {entry!r:.200}")
 
 
-def read_panoptic_png(path: Path) -> np.ndarray:
+def read_panoptic_png(path: "str | Path | DataPath") -> np.ndarray:
     """Decode a COCO panoptic PNG into an int64 segment id map (id = R + 256 G + 256^2 B)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"Panoptic PNG not found: {path}")
-    with Image.open(path) as png:
+    with open_image_file(path, "Panoptic PNG") as png:
         rgb = np.asarray(png.convert("RGB"), dtype=np.int64)
     return rgb[..., 0] + 256 * rgb[..., 1] + 256**2 * rgb[..., 2]
 
@@ -56,14 +62,14 @@ class COCOPanopticDataset(Dataset):
 
     def __init__(
         self,
-        image_dir: str | Path,
-        json_file: str | Path,
-        png_dir: str | Path,
+        image_dir: "str | Path | DataPath",
+        json_file: "str | Path | DataPath",
+        png_dir: "str | Path | DataPath",
         transforms: Callable | None = None,
     ):
-        self.image_dir = Path(image_dir)
-        self.json_file = Path(json_file)
-        self.png_dir = Path(png_dir)
+        self.image_dir = resolve_path(image_dir)
+        self.json_file = resolve_path(json_file)
+        self.png_dir = resolve_path(png_dir)
         self.transforms = transforms
         content = load_json(self.json_file)
         require_keys(content, ("images", "annotations", "categories"), str(self.json_file))
@@ -100,6 +106,8 @@ class COCOPanopticDataset(Dataset):
         self.images = []
         for image in content["images"]:
             require_keys(image, ("id", "file_name"), f"{self.json_file} image")
+            if not isinstance(image["id"], int):
+                raise ValueError(f"{self.json_file}: image id {image['id']!r} is not an integer")
             if image["id"] not in annotation_of_image:
                 raise ValueError(f"{self.json_file}: image {image['id']} has no annotation")
             self.images.append(image)

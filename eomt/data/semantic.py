@@ -1,47 +1,65 @@
 """Reader for semantic segmentation datasets stored as an image folder and a label PNG folder."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from eomt.data.coco_panoptic import load_image
+from eomt.data.coco_panoptic import load_image, open_image_file
+from eomt.data.files import DataPath, resolve_path
 
 
 class SemanticDataset(Dataset):
-    """Images `image_dir/<stem><image_suffix>` with labels `label_dir/<stem><label_suffix>`.
+    """Images `image_dir/<path><image_suffix>` with labels `label_dir/<path><label_suffix>`.
 
-    A label pixel value v means contiguous class v - label_offset; values equal to ignore_index or
-    outside 0..C-1 after the offset are ignored. One mask per class present, none crowd.
-    `image_id` is the index in the sorted image list.
+    Images are found in image_dir and its subfolders (folders or archives, see
+    `eomt.data.files`). A label pixel value v means contiguous class v - label_offset; values
+    equal to ignore_index or outside 0..C-1 after the offset are ignored. Alternatively,
+    `label_lut[v]` gives the class of value v (255: ignored). One mask per class present, none
+    crowd. `image_id` is the index in the sorted image list.
     """
 
     def __init__(
         self,
-        image_dir: str | Path,
-        label_dir: str | Path,
+        image_dir: "str | Path | DataPath",
+        label_dir: "str | Path | DataPath",
         categories: list[dict],
         ignore_index: int = 255,
         label_offset: int = 0,
         image_suffix: str = ".jpg",
         label_suffix: str = ".png",
         transforms: Callable | None = None,
+        label_lut: Sequence[int] | None = None,
     ):
-        self.image_dir = Path(image_dir)
-        self.label_dir = Path(label_dir)
+        self.image_dir = resolve_path(image_dir)
+        self.label_dir = resolve_path(label_dir)
         self.categories = categories
         self.ignore_index = ignore_index
         self.label_offset = label_offset
         self.transforms = transforms
+        self.label_lut = None
+        if label_lut is not None:
+            if label_offset != 0:
+                raise ValueError("give either label_offset or label_lut, not both")
+            self.label_lut = np.asarray(label_lut, dtype=np.int64)
+            valid = (self.label_lut == 255) | (
+                (self.label_lut >= 0) & (self.label_lut < len(categories))
+            )
+            if self.label_lut.ndim != 1 or not valid.all():
+                raise ValueError(
+                    f"label_lut must be a list of class indices 0..{len(categories) - 1} or 255"
+                )
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"Image folder not found: {self.image_dir}")
-        self.image_paths = sorted(self.image_dir.glob(f"*{image_suffix}"))
-        if not self.image_paths:
+        image_names = self.image_dir.files(image_suffix)
+        if not image_names:
             raise FileNotFoundError(f"No *{image_suffix} images in {self.image_dir}")
-        self.label_paths = [self.label_dir / f"{p.stem}{label_suffix}" for p in self.image_paths]
+        self.image_paths = [self.image_dir / name for name in image_names]
+        self.label_paths = [
+            self.label_dir / (name[: -len(image_suffix)] + label_suffix) for name in image_names
+        ]
         for label_path in self.label_paths:
             if not label_path.is_file():
                 raise FileNotFoundError(f"Label file not found: {label_path}")
@@ -53,10 +71,19 @@ class SemanticDataset(Dataset):
     def read_label_map(self, index: int) -> np.ndarray:
         """Contiguous int64 label map (H, W) of one image, 255 where ignored."""
         label_path = self.label_paths[index]
-        with Image.open(label_path) as png:
+        with open_image_file(label_path, "Label file") as png:
             raw = np.asarray(png, dtype=np.int64)
+            mode = png.mode
         if raw.ndim != 2:
-            raise ValueError(f"{label_path}: expected a single-channel label PNG, got {png.mode}")
+            raise ValueError(f"{label_path}: expected a single-channel label PNG, got {mode}")
+        if self.label_lut is not None:
+            outside = (raw < 0) | (raw >= len(self.label_lut))
+            if outside.any():
+                raise ValueError(
+                    f"{label_path}: label value {raw[outside][0]} is outside the label table "
+                    f"(0..{len(self.label_lut) - 1})"
+                )
+            return self.label_lut[raw]
         labels = raw - self.label_offset
         ignored = (raw == self.ignore_index) | (labels < 0) | (labels >= len(self.categories))
         labels[ignored] = 255
