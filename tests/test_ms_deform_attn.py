@@ -1,4 +1,9 @@
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,8 +12,11 @@ from eomt.modeling.ms_deform_attn import (
     MSDeformAttn,
     ms_deform_attn_core,
     ms_deform_attn_core_pytorch,
+    ms_deform_attn_triton,
     resolve_backend,
 )
+
+needs_triton = pytest.mark.skipif(ms_deform_attn_triton is None, reason="triton is not installed")
 
 SHAPES = [(3, 4), (2, 3)]
 
@@ -79,6 +87,17 @@ def test_pytorch_core_far_outside_reads_zero():
     assert torch.equal(output, torch.zeros_like(output))
 
 
+def test_pytorch_core_samples_bf16_values_at_float32_locations():
+    value, spatial_shapes, level_start_index, locations, weights = random_inputs(
+        SHAPES, dtype=torch.float32
+    )
+    value = value.to(torch.bfloat16)
+    args = (spatial_shapes, level_start_index, locations, weights)
+    output = ms_deform_attn_core_pytorch(value, *args)
+    assert output.dtype == torch.float32  # the locations are not rounded to bf16
+    torch.testing.assert_close(output, ms_deform_attn_core_pytorch(value.float(), *args))
+
+
 def test_pytorch_core_gradcheck():
     value, spatial_shapes, level_start_index, locations, weights = random_inputs(
         [(2, 3), (1, 2)], batch=1, queries=2, heads=2, head_dim=2, points=2, seed=1
@@ -112,6 +131,10 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setenv("EOMT_MSDA_BACKEND", "cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend(cpu_value)
+    if ms_deform_attn_triton is not None:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ValueError, match="'triton' needs CUDA tensors"):
+            resolve_backend(cpu_value, backend="triton")
     inputs = random_inputs(SHAPES)
     torch.testing.assert_close(
         ms_deform_attn_core(*inputs, backend="pytorch"), ms_deform_attn_core_pytorch(*inputs)
@@ -198,3 +221,90 @@ def test_padding_mask_hides_the_padded_values():
     assert not torch.allclose(
         attn(query, reference_points, changed, spatial_shapes, level_start_index), out
     )
+
+
+# Runs in a fresh interpreter: TRITON_INTERPRET must be set before triton is imported.
+TRITON_VS_PYTORCH = textwrap.dedent(
+    """
+    import os
+    import torch
+    from eomt.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core
+    from tests.test_ms_deform_attn import SHAPES, level_inputs, random_inputs
+
+    # 70 queries: two blocks of 64, the second partly empty; head_dim 3 pads to 4 channels;
+    # a third of the locations fall outside the maps.
+    inputs = random_inputs(SHAPES, queries=70, heads=2, head_dim=3, points=2, dtype=torch.float32)
+    value, spatial_shapes, level_start_index, locations, weights = inputs
+    leaves = [t.requires_grad_(True) for t in (value, locations, weights)]
+    args = (value, spatial_shapes, level_start_index, locations, weights)
+    fast = ms_deform_attn_core(*args, backend="triton")
+    slow = ms_deform_attn_core(*args, backend="pytorch")
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(slow)
+    fast_grads = torch.autograd.grad(fast, leaves, grad_out)
+    slow_grads = torch.autograd.grad(slow, leaves, grad_out)
+    for name, a, b in zip(("value", "locations", "weights"), fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+
+    # The module takes the backend from EOMT_MSDA_BACKEND (set to triton by the caller).
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=3)
+    spatial_shapes, level_start_index = level_inputs(SHAPES)
+    query, points, features = torch.randn(2, 5, 16), torch.rand(2, 5, 2, 2), torch.randn(2, 18, 16)
+    out = attn(query, points, features, spatial_shapes, level_start_index)
+    out.square().sum().backward()
+    grad = attn.sampling_offsets.weight.grad.clone()
+    attn.zero_grad()
+    os.environ["EOMT_MSDA_BACKEND"] = "pytorch"
+    reference = attn(query, points, features, spatial_shapes, level_start_index)
+    reference.square().sum().backward()
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, attn.sampling_offsets.weight.grad, atol=1e-4, rtol=1e-4)
+    print("triton matches pytorch")
+    """
+)
+
+
+@needs_triton
+def test_triton_kernels_match_pytorch_in_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", EOMT_MSDA_BACKEND="triton")
+    result = subprocess.run(
+        [sys.executable, "-c", TRITON_VS_PYTORCH],
+        cwd=Path(__file__).resolve().parents[1],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "triton matches pytorch" in result.stdout
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernels_match_pytorch_on_gpu(value_dtype):
+    # Pixel-decoder-like sizes at a 256x256 input: levels at 1/8, 1/16, 1/32, every position
+    # a query. bf16 values with float32 locations and weights, as under autocast.
+    shapes = [(32, 32), (16, 16), (8, 8)]
+    value, spatial_shapes, level_start_index, locations, weights = (
+        t.cuda()
+        for t in random_inputs(
+            shapes, batch=2, queries=1344, heads=8, head_dim=32, points=4, dtype=torch.float32
+        )
+    )
+    value = value.to(value_dtype)
+    leaves = [t.requires_grad_(True) for t in (value, locations, weights)]
+    args = (value, spatial_shapes, level_start_index, locations, weights)
+    assert resolve_backend(value, backend="auto") == "triton"
+    fast = ms_deform_attn_core(*args, backend="triton")
+    slow = ms_deform_attn_core(*args, backend="pytorch")
+    assert fast.dtype == slow.dtype == torch.float32
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+    grad_out = torch.randn_like(slow)
+    fast_grads = torch.autograd.grad(fast, leaves, grad_out)
+    slow_grads = torch.autograd.grad(slow, leaves, grad_out)
+    assert fast_grads[0].dtype == value_dtype
+    tolerance = 1e-3 if value_dtype == torch.float32 else 2e-2
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a.float(), b.float(), atol=tolerance, rtol=tolerance)

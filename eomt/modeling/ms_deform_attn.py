@@ -6,10 +6,13 @@ move them away from its reference point, the values there are read with bilinear
 
 The sampling core has two implementations with the same convention as the official CUDA kernel
 (location x in [0, 1] reads pixel coordinate x * width - 0.5): a pure PyTorch one on
-`F.grid_sample` that runs everywhere, and a Triton kernel (`ms_deform_attn_triton.py`) used on
-CUDA tensors when triton imports. `EOMT_MSDA_BACKEND=pytorch` forces the pure path.
+`F.grid_sample` that runs everywhere, and Triton kernels for forward and backward
+(`ms_deform_attn_triton.py`) used on CUDA tensors when triton is installed.
+`EOMT_MSDA_BACKEND=pytorch` (or the `backend` argument) forces the pure path.
 """
 
+import functools
+import importlib.util
 import math
 import os
 
@@ -17,12 +20,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
+# triton is optional: without it every device takes the PyTorch path.
+if importlib.util.find_spec("triton") is not None:
     from eomt.modeling.ms_deform_attn_triton import ms_deform_attn_triton
-except ImportError:  # triton is optional: without it every device takes the PyTorch path
+else:
     ms_deform_attn_triton = None
 
 BACKENDS = ("auto", "pytorch", "triton")
+
+
+def promoted_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the sampling computes and returns: bf16 values with float32 locations (as
+    under autocast) give float32, so that locations keep their precision."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
 
 
 def ms_deform_attn_core_pytorch(
@@ -42,7 +52,9 @@ def ms_deform_attn_core_pytorch(
             f"spatial_shapes {shapes} cover {sum(h * w for h, w in shapes)} positions, "
             f"but value has {value.shape[1]}"
         )
-    grids = 2 * sampling_locations - 1
+    dtype = promoted_dtype(value, sampling_locations, attention_weights)
+    value, attention_weights = value.to(dtype), attention_weights.to(dtype)
+    grids = 2 * sampling_locations.to(dtype) - 1
     sampled = []
     levels = zip(shapes, level_start_index.tolist())
     for level, ((height, width), start) in enumerate(levels):
@@ -75,8 +87,14 @@ def resolve_backend(value: torch.Tensor, backend: str | None = None) -> str:
         backend = os.environ.get("EOMT_MSDA_BACKEND", "auto")
     if backend not in BACKENDS:
         raise ValueError(f"deformable attention backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton" and ms_deform_attn_triton is None:
-        raise RuntimeError("deformable attention backend 'triton' asked for, but triton is missing")
+    if backend == "triton":
+        if ms_deform_attn_triton is None:
+            raise RuntimeError("deformable attention backend 'triton' needs triton installed")
+        if not value.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "deformable attention backend 'triton' needs CUDA tensors "
+                "(or the Triton interpreter, TRITON_INTERPRET=1)"
+            )
     if backend == "auto":
         return "triton" if ms_deform_attn_triton is not None and value.is_cuda else "pytorch"
     return backend
@@ -102,7 +120,8 @@ def ms_deform_attn_core(
         backend: 'auto', 'pytorch' or 'triton'; None reads EOMT_MSDA_BACKEND (default 'auto').
 
     Returns:
-        (B, Q, heads * D).
+        (B, Q, heads * D) in the promoted dtype of value, locations and weights (the Triton
+        kernels read any float dtype and sum in float32).
     """
     if resolve_backend(value, backend) == "triton":
         return ms_deform_attn_triton(
