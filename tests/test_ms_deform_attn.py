@@ -246,6 +246,14 @@ TRITON_VS_PYTORCH = textwrap.dedent(
     for name, a, b in zip(("value", "locations", "weights"), fast_grads, slow_grads):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
 
+    # torch.compile sees the kernels as custom ops with fake implementations: no graph break.
+    compiled = torch.compile(ms_deform_attn_core, backend="aot_eager", fullgraph=True)
+    traced = compiled(*args, backend="triton")
+    torch.testing.assert_close(traced, fast)
+    traced_grads = torch.autograd.grad(traced, leaves, grad_out)
+    for name, a, b in zip(("value", "locations", "weights"), traced_grads, fast_grads):
+        torch.testing.assert_close(a, b, msg=name)
+
     # The module takes the backend from EOMT_MSDA_BACKEND (set to triton by the caller).
     torch.manual_seed(0)
     attn = MSDeformAttn(d_model=16, n_levels=2, n_heads=4, n_points=3)

@@ -9,12 +9,13 @@ Each program handles BLOCK_Q queries of one head of one image with all channels 
 the four neighbours of a point are gathered as (BLOCK_Q, head_dim) tiles of contiguous
 channels. Sums are taken in float32 whatever the input dtypes. The backward pass scatters the
 value gradient with float32 atomic adds; the location and weight gradients are per query.
+Both are registered as torch custom ops (`eomt::ms_deform_attn_forward` / `_backward`), so
+torch.compile keeps them as single calls.
 """
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
 BLOCK_Q = 64
 
@@ -177,73 +178,110 @@ def _launch_args(value, sampling_locations):
     return grid, sizes, constants
 
 
-class MSDeformAttnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-    ):
-        value = value.contiguous()
-        spatial_shapes = spatial_shapes.contiguous()
-        level_start_index = level_start_index.contiguous()
-        sampling_locations = sampling_locations.contiguous()
-        attention_weights = attention_weights.contiguous()
-        batch, _, num_heads, head_dim = value.shape
-        num_queries = sampling_locations.shape[1]
-        # bf16 values with float32 locations (autocast) give a float32 output, as grid_sample.
-        dtype = torch.promote_types(
-            torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
-        )
-        output = value.new_empty(batch, num_queries, num_heads * head_dim, dtype=dtype)
-        grid, sizes, constants = _launch_args(value, sampling_locations)
-        _forward_kernel[grid](
-            value,
-            spatial_shapes,
-            level_start_index,
-            sampling_locations,
-            attention_weights,
-            output,
-            *sizes,
-            **constants,
-        )
-        ctx.save_for_backward(
-            value, spatial_shapes, level_start_index, sampling_locations, attention_weights
-        )
-        return output
+def _output_like(value, sampling_locations, attention_weights):
+    # bf16 values with float32 locations (autocast) give a float32 output, as grid_sample does.
+    dtype = torch.promote_types(
+        torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype
+    )
+    batch, _, num_heads, head_dim = value.shape
+    return value.new_empty(batch, sampling_locations.shape[1], num_heads * head_dim, dtype=dtype)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
-            ctx.saved_tensors
-        )
-        grad_value = torch.zeros(value.shape, dtype=torch.float32, device=value.device)
-        grad_locations = torch.empty(
-            sampling_locations.shape, dtype=torch.float32, device=value.device
-        )
-        grad_weights = torch.empty(
-            attention_weights.shape, dtype=torch.float32, device=value.device
-        )
-        grid, sizes, constants = _launch_args(value, sampling_locations)
-        _backward_kernel[grid](
-            value,
-            spatial_shapes,
-            level_start_index,
-            sampling_locations,
-            attention_weights,
-            grad_output.contiguous(),
-            grad_value,
-            grad_locations,
-            grad_weights,
-            *sizes,
-            **constants,
-        )
-        return (
-            grad_value.to(value.dtype),
-            None,
-            None,
-            grad_locations.to(sampling_locations.dtype),
-            grad_weights.to(attention_weights.dtype),
-        )
+
+# Custom ops: torch.compile treats them as opaque calls (shapes from the fake implementations)
+# instead of tracing into the kernel launches.
+@torch.library.custom_op("eomt::ms_deform_attn_forward", mutates_args=())
+def ms_deform_attn_forward(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    value = value.contiguous()
+    sampling_locations = sampling_locations.contiguous()
+    attention_weights = attention_weights.contiguous()
+    output = _output_like(value, sampling_locations, attention_weights)
+    grid, sizes, constants = _launch_args(value, sampling_locations)
+    _forward_kernel[grid](
+        value,
+        spatial_shapes.contiguous(),
+        level_start_index.contiguous(),
+        sampling_locations,
+        attention_weights,
+        output,
+        *sizes,
+        **constants,
+    )
+    return output
+
+
+@ms_deform_attn_forward.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    return _output_like(value, sampling_locations, attention_weights)
+
+
+@torch.library.custom_op("eomt::ms_deform_attn_backward", mutates_args=())
+def ms_deform_attn_backward(
+    grad_output: torch.Tensor,
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of value, sampling locations and attention weights, in their dtypes."""
+    value = value.contiguous()
+    sampling_locations = sampling_locations.contiguous()
+    attention_weights = attention_weights.contiguous()
+    float32 = dict(dtype=torch.float32, device=value.device)
+    grad_value = torch.zeros(value.shape, **float32)
+    grad_locations = torch.empty(sampling_locations.shape, **float32)
+    grad_weights = torch.empty(attention_weights.shape, **float32)
+    grid, sizes, constants = _launch_args(value, sampling_locations)
+    _backward_kernel[grid](
+        value,
+        spatial_shapes.contiguous(),
+        level_start_index.contiguous(),
+        sampling_locations,
+        attention_weights,
+        grad_output.contiguous(),
+        grad_value,
+        grad_locations,
+        grad_weights,
+        *sizes,
+        **constants,
+    )
+    return (
+        grad_value.to(value.dtype),
+        grad_locations.to(sampling_locations.dtype),
+        grad_weights.to(attention_weights.dtype),
+    )
+
+
+@ms_deform_attn_backward.register_fake
+def _(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    return (
+        torch.empty_like(value),
+        torch.empty_like(sampling_locations),
+        torch.empty_like(attention_weights),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = (
+        ctx.saved_tensors
+    )
+    grad_value, grad_locations, grad_weights = ms_deform_attn_backward(
+        grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+    return grad_value, None, None, grad_locations, grad_weights
+
+
+ms_deform_attn_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def ms_deform_attn_triton(
@@ -254,6 +292,6 @@ def ms_deform_attn_triton(
     attention_weights: torch.Tensor,
 ) -> torch.Tensor:
     """Deformable attention sampling with the Triton kernels; see `ms_deform_attn_core`."""
-    return MSDeformAttnFunction.apply(
+    return ms_deform_attn_forward(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights
     )
