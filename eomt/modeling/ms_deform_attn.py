@@ -45,7 +45,6 @@ def ms_deform_attn_core_pytorch(
     """Deformable attention sampling with `F.grid_sample`; see `ms_deform_attn_core`."""
     batch, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    # grid_sample's [-1, 1] grid with align_corners=False reads pixel x * width - 0.5.
     shapes = spatial_shapes.tolist()
     if sum(h * w for h, w in shapes) != value.shape[1]:
         raise ValueError(
@@ -54,6 +53,7 @@ def ms_deform_attn_core_pytorch(
         )
     dtype = promoted_dtype(value, sampling_locations, attention_weights)
     value, attention_weights = value.to(dtype), attention_weights.to(dtype)
+    # grid_sample's [-1, 1] grid with align_corners=False reads pixel x * width - 0.5.
     grids = 2 * sampling_locations.to(dtype) - 1
     sampled = []
     levels = zip(shapes, level_start_index.tolist())
