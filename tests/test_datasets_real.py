@@ -269,12 +269,15 @@ def test_members_escaping_the_archive_are_refused(tmp_path):
         resolve_path(tmp_path) / "../outside.png"
 
 
-def test_missing_member_names_archive_and_member(coco_roots):
+def test_missing_member_or_broken_archive_are_named(coco_roots, tmp_path):
     _, zips = coco_roots
     images = resolve_path(zips / "val2017.zip/val2017")
     assert images.is_dir() and images.files(".jpg") == ["000000000139.jpg", "000000000285.jpg"]
     with pytest.raises(FileNotFoundError, match=r"val2017\.zip/val2017/nothing\.jpg"):
         (images / "nothing.jpg").read_bytes()
+    (tmp_path / "train2017.zip").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"train2017\.zip: not a readable zip archive"):
+        resolve_path(tmp_path / "train2017.zip/train2017").exists()
 
 
 def test_zip_dataset_pickles_and_reopens_in_workers(coco_roots):

@@ -173,7 +173,10 @@ def _index(where: str, names: list[str]) -> tuple[set[str], set[str]]:
 class _ZipArchive:
     def __init__(self, open_file: Callable[[], io.RawIOBase], where: str):
         self.open_file, self.where = open_file, where
-        self.zip = zipfile.ZipFile(open_file())
+        try:
+            self.zip = zipfile.ZipFile(open_file())
+        except zipfile.BadZipFile as error:
+            raise ValueError(f"{where}: not a readable zip archive ({error})") from error
         infos = [info for info in self.zip.infolist() if not info.is_dir()]
         self.files, self.folders = _index(where, [info.filename for info in infos])
         self.info = {posixpath.normpath(info.filename): info for info in infos}
@@ -202,7 +205,10 @@ class _ZipArchive:
 
 class _TarArchive:
     def __init__(self, path: Path):
-        self.tar = tarfile.open(path)
+        try:
+            self.tar = tarfile.open(path)
+        except tarfile.ReadError as error:
+            raise ValueError(f"{path}: not a readable tar archive ({error})") from error
         members = [member for member in self.tar.getmembers() if member.isfile()]
         self.files, self.folders = _index(str(path), [member.name for member in members])
         self.member = {posixpath.normpath(member.name): member for member in members}
