@@ -1,0 +1,90 @@
+"""Params, GFLOPs and FPS of models built from configs, with random weights (nothing downloaded).
+
+    python tools/benchmark.py --config-file configs/coco/panoptic/eomt_large_640.yaml
+    python tools/benchmark.py --config-file CFG1 CFG2 --table
+    python tools/benchmark.py --config-file CFG --fps --device cuda --compile
+    python tools/benchmark.py --config-file CFG model.masked_attn=always   # EoMT w/ masking
+
+One JSON line per config (or, with --table, one markdown table). GFLOPs: fvcore's count of the
+inference forward at batch 1 (see eomt/benchmark.py); semantic configs count every window of a
+typical validation image (--image-size to choose another).
+"""
+
+import argparse
+import json
+
+from eomt.benchmark import benchmark
+from eomt.config import get_cfg
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config-file", nargs="+", required=True, help="YAML config(s)")
+    parser.add_argument("--fps", action="store_true", help="also time the inference forward")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="for --fps")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward, for --fps")
+    parser.add_argument("--compile", action="store_true", help="torch.compile before timing")
+    parser.add_argument("--warmup", type=int, help="warm-up forwards (default: 50 CUDA, 2 CPU)")
+    parser.add_argument("--iterations", type=int, help="timed forwards (default: 500 CUDA, 10 CPU)")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        nargs=2,
+        metavar=("HEIGHT", "WIDTH"),
+        help="semantic configs: the image whose windows are counted (default: typical val image)",
+    )
+    parser.add_argument(
+        "--params-only", action="store_true", help="count parameters only (meta device, fast)"
+    )
+    parser.add_argument("--table", action="store_true", help="print a markdown table instead")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every config: key=value")
+    args = parser.parse_args(argv)
+    if args.params_only and args.fps:
+        parser.error("--params-only and --fps exclude each other")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    return args
+
+
+def markdown_table(records: list[dict]) -> str:
+    lines = ["| Config | Params (M) | GFLOPs | FPS |", "|---|---|---|---|"]
+    for record in records:
+        name = " ".join([record["config"], *record.get("overrides", [])])
+        gflops = f"{record['gflops']:.0f}" if "gflops" in record else "-"
+        fps = f"{record['fps']:.1f}" if "fps" in record else "-"
+        lines.append(f"| {name} | {record['params'] / 1e6:.1f} | {gflops} | {fps} |")
+    return "\n".join(lines)
+
+
+def main(args) -> None:
+    records = []
+    for config_file in args.config_file:
+        cfg = get_cfg(config_file, args.overrides)
+        record = {"config": config_file}
+        if args.overrides:
+            record["overrides"] = args.overrides
+        record.update(
+            benchmark(
+                cfg,
+                flops=not args.params_only,
+                fps=args.fps,
+                device=args.device,
+                batch_size=args.batch_size,
+                compile_model=args.compile,
+                image_size=args.image_size,
+                warmup=args.warmup,
+                iterations=args.iterations,
+            )
+        )
+        if args.table:
+            records.append(record)
+        else:
+            print(json.dumps(record), flush=True)
+    if args.table:
+        print(markdown_table(records))
+
+
+if __name__ == "__main__":
+    main(parse_args())
