@@ -1,4 +1,7 @@
+import contextlib
 import csv
+import io
+import json
 import math
 import os
 from collections import Counter
@@ -8,6 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 
 from eomt.evaluation import (
     InstanceEvaluator,
@@ -16,6 +23,8 @@ from eomt.evaluation import (
     masks_to_panoptic,
     masks_to_semantic,
 )
+from eomt.evaluation.instance import SUMMARY_KEYS
+from eomt.evaluation.panoptic_io import id_to_rgb, read_panoptic_png, write_panoptic_png
 from eomt.visualize import draw_panoptic, side_by_side, upscale_factor
 
 CATEGORIES = [
@@ -39,7 +48,7 @@ def test_pq_perfect_prediction_is_100():
     gt[:2] = 1
     gt[2:, :2] = 2
     segments = [segment(1, SKY), segment(2, PERSON)]
-    evaluator = PanopticEvaluator(CATEGORIES)
+    evaluator = PanopticEvaluator(CATEGORIES, workers=0)
     evaluator.process(gt, segments, gt, segments)
     results = evaluator.evaluate()
     for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st"):
@@ -59,7 +68,7 @@ def test_pq_one_tp_one_fp_one_fn():
     pred[5:] = 3  # sky on 50 of 60 pixels: IoU 50 / 60
     gt_segments = [segment(1, PERSON), segment(2, PERSON), segment(3, SKY)]
     pred_segments = [segment(1, PERSON), segment(2, PERSON), segment(3, SKY)]
-    evaluator = PanopticEvaluator(CATEGORIES)
+    evaluator = PanopticEvaluator(CATEGORIES, workers=0)
     evaluator.process(pred, pred_segments, gt, gt_segments)
     results = evaluator.evaluate()
 
@@ -81,7 +90,7 @@ def test_pq_void_pixels_leave_the_union():
     gt = np.zeros((2, 10), dtype=np.int32)
     gt[0] = 1  # person on row 0, row 1 is void
     pred = np.ones((2, 10), dtype=np.int32)  # person on both rows
-    evaluator = PanopticEvaluator(CATEGORIES)
+    evaluator = PanopticEvaluator(CATEGORIES, workers=0)
     evaluator.process(pred, [segment(1, PERSON)], gt, [segment(1, PERSON)])
     # Union 20 - 10 void pixels = 10 -> IoU 1 (it would be 0.5, no match, with void counted).
     person = evaluator.evaluate()["per_class"][PERSON]
@@ -98,7 +107,7 @@ def test_pq_prediction_mostly_on_void_is_ignored():
     pred[1, :3] = 2
     pred[0, 8:] = 3  # car B: 2 pixels on sky + 2 on void -> 2/4 is not > 1/2, FP
     pred[2, :2] = 3
-    evaluator = PanopticEvaluator(CATEGORIES)
+    evaluator = PanopticEvaluator(CATEGORIES, workers=0)
     evaluator.process(
         pred, [segment(1, SKY), segment(2, CAR), segment(3, CAR)], gt, [segment(1, SKY)]
     )
@@ -116,7 +125,7 @@ def test_pq_crowd_rules():
     pred[3] = 3  # person on sky only -> FP
     gt_segments = [segment(1, PERSON, iscrowd=1), segment(2, SKY)]
     pred_segments = [segment(1, PERSON), segment(2, CAR), segment(3, PERSON)]
-    evaluator = PanopticEvaluator(CATEGORIES)
+    evaluator = PanopticEvaluator(CATEGORIES, workers=0)
     evaluator.process(pred, pred_segments, gt, gt_segments)
     per_class = evaluator.evaluate()["per_class"]
     # The crowd itself is never a FN.
@@ -205,7 +214,7 @@ def _random_panoptic_image(rng):
 
 def test_pq_matches_pixel_loop_reference_on_random_images():
     rng = np.random.default_rng(0)
-    evaluator = PanopticEvaluator(CATEGORIES)
+    evaluator = PanopticEvaluator(CATEGORIES, workers=0)
     totals = [np.zeros(3), np.zeros(3), np.zeros(3), np.zeros(3)]
     for _ in range(30):
         pred, pred_segments, gt, gt_segments = _random_panoptic_image(rng)
@@ -247,11 +256,160 @@ def test_masks_to_panoptic_merges_crowds_and_rejects_overlaps():
 
 def test_panoptic_rejects_inconsistent_segments():
     seg = np.ones((2, 2), dtype=np.int32)
-    evaluator = PanopticEvaluator(CATEGORIES)
+    evaluator = PanopticEvaluator(CATEGORIES, workers=0)
     with pytest.raises(ValueError, match="missing from its segment list"):
         evaluator.process(seg, [], seg, [segment(1, SKY)])
     with pytest.raises(ValueError, match="category_id 7"):
         evaluator.process(seg, [{"id": 1, "category_id": 7}], seg, [segment(1, SKY)])
+    with pytest.raises(ValueError, match=r"ids \[2\] that cover no pixel"):
+        evaluator.process(seg, [segment(1, SKY), segment(2, CAR)], seg, [segment(1, SKY)])
+    with pytest.raises(ValueError, match="shape"):
+        evaluator.process(seg, [segment(1, SKY)], seg[:1], [segment(1, SKY)])
+    with pytest.raises(ValueError, match="integer ids, not float64"):
+        evaluator.process(seg * 1.0, [segment(1, SKY)], seg, [segment(1, SKY)])
+    # With workers the error surfaces later, naming the image.
+    pooled = PanopticEvaluator(CATEGORIES, workers=1)
+    pooled.process(seg, [segment(1, SKY)], seg, [segment(1, SKY)], image_id=3)
+    pooled.process(seg, [], seg, [segment(1, SKY)], image_id=4)
+    with pytest.raises(ValueError, match="image 4: predicted map has segment ids"):
+        pooled.evaluate()
+
+
+def test_pq_empty_images():
+    void = np.zeros((4, 4), dtype=np.int32)
+    evaluator = PanopticEvaluator(CATEGORIES, workers=0)
+    evaluator.process(void, [], void, [])  # nothing annotated, nothing predicted
+    evaluator.process(void + 1, [segment(1, CAR)], void, [])  # prediction on void only
+    state = evaluator.state()
+    assert state["tp"].sum() == state["fp"].sum() == state["fn"].sum() == 0
+    results = evaluator.evaluate()
+    # pq_compute divides by zero here; every average is 0 over N = 0 classes.
+    assert (results["PQ"], results["N"], results["PQ_th"], results["N_st"]) == (0.0, 0, 0.0, 0)
+
+    gt = np.zeros((4, 4), dtype=np.int32)
+    gt[:2], gt[2:] = 1, 2
+    evaluator.process(void, [], gt, [segment(1, SKY), segment(2, PERSON, iscrowd=1)])
+    results = evaluator.evaluate()
+    # Nothing predicted: the sky is a FN, the crowd nothing.
+    assert [(c["TP"], c["FP"], c["FN"]) for c in results["per_class"]] == [(0, 0, 0)] * 2 + [
+        (0, 0, 1)
+    ]
+    assert (results["N"], results["N_th"], results["N_st"], results["PQ"]) == (1, 0, 1, 0.0)
+
+
+def test_pq_crowd_region_is_the_last_listed_of_its_class():
+    gt = np.zeros((2, 8), dtype=np.int32)
+    gt[:, :4], gt[:, 4:] = 1, 2
+    crowds = [segment(1, PERSON, iscrowd=1), segment(2, PERSON, iscrowd=1)]
+    people = [segment(1, PERSON), segment(2, PERSON)]
+    evaluator = PanopticEvaluator(CATEGORIES, workers=0)
+    evaluator.process(gt, people, gt, crowds)
+    # pq_compute keeps one crowd region per class, the last listed: the person on crowd 2 is
+    # ignored, the one on crowd 1 is a false positive.
+    person = evaluator.evaluate()["per_class"][PERSON]
+    assert (person["TP"], person["FP"], person["FN"]) == (0, 1, 0)
+
+
+def test_pq_ground_truth_area_and_unlisted_ids_follow_pq_compute():
+    gt = np.zeros((1, 10), dtype=np.int32)
+    gt[0, :6] = 1  # sky, 6 pixels
+    gt[0, 6:] = 9  # an id that the segment list lacks
+    pred = np.zeros((1, 10), dtype=np.int32)
+    pred[0, :4] = 1  # sky on 4 of the 6: IoU 4 / 6
+    pred[0, 6:] = 2  # car on the unlisted id: those pixels are not void, so a FP
+    pred_segments = [segment(1, SKY), segment(2, CAR)]
+    evaluator = PanopticEvaluator(CATEGORIES, workers=0)
+    evaluator.process(pred, pred_segments, gt, [segment(1, SKY)])
+    per_class = evaluator.evaluate()["per_class"]
+    assert (per_class[SKY]["TP"], per_class[SKY]["SQ"]) == (1, pytest.approx(100 * 4 / 6))
+    assert per_class[CAR]["FP"] == 1
+
+    # An "area" in the segment dict (COCO JSON) wins over the pixel count, as in pq_compute:
+    # 8 gives IoU 4 / (4 + 8 - 4) = 0.5, no match.
+    evaluator.reset()
+    evaluator.process(pred, pred_segments, gt, [{**segment(1, SKY), "area": 8}])
+    sky = evaluator.evaluate()["per_class"][SKY]
+    assert (sky["TP"], sky["FP"], sky["FN"]) == (0, 1, 1)
+
+
+def _random_images(seed, count):
+    rng = np.random.default_rng(seed)
+    return [_random_panoptic_image(rng) for _ in range(count)]
+
+
+def test_pool_gives_bit_identical_sums_and_bounds_the_queue():
+    sequential = PanopticEvaluator(CATEGORIES, workers=0)
+    pooled = PanopticEvaluator(CATEGORIES, workers=2)
+    for image in _random_images(3, 16):
+        sequential.process(*image)
+        pooled.process(*image)
+        assert len(pooled._pending) <= 4  # at most 2 x workers images wait
+    expected, state = sequential.state(), pooled.state()
+    for key in ("iou_sum", "tp", "fp", "fn"):
+        np.testing.assert_array_equal(state[key], expected[key])
+    assert pooled.evaluate() == sequential.evaluate()
+
+
+def test_pool_works_with_spawned_workers():
+    images = _random_images(4, 4)
+    sequential = PanopticEvaluator(CATEGORIES, workers=0)
+    spawned = PanopticEvaluator(CATEGORIES, workers=1, start_method="spawn")
+    for image in images:
+        sequential.process(*image)
+        spawned.process(*image)
+    assert spawned.evaluate() == sequential.evaluate()
+
+
+def test_large_segment_ids_give_the_same_statistics():
+    # COCO PNG ids (R + 256 G + 256^2 B) are large: counted by sorting instead of a histogram.
+    small_ids = PanopticEvaluator(CATEGORIES, workers=0)
+    large_ids = PanopticEvaluator(CATEGORIES, workers=0)
+    for pred, pred_segments, gt, gt_segments in _random_images(5, 8):
+        small_ids.process(pred, pred_segments, gt, gt_segments)
+        large_ids.process(
+            np.where(pred > 0, pred * 65793 + 40000, 0),
+            [{**s, "id": s["id"] * 65793 + 40000} for s in pred_segments],
+            np.where(gt > 0, gt * 70001 + 3, 0),
+            [{**s, "id": s["id"] * 70001 + 3} for s in gt_segments],
+        )
+    assert large_ids.evaluate() == small_ids.evaluate()
+
+
+def test_written_predictions_are_coco_panoptic_files(tmp_path):
+    images = _random_images(6, 5)
+    writer = PanopticEvaluator(CATEGORIES, workers=1, output_dir=tmp_path)
+    for image_id, image in enumerate(images):
+        writer.process(*image, image_id=image_id, file_name=f"val/{image_id:06d}.jpg")
+    written = writer.evaluate()
+
+    with open(tmp_path / "predictions.json") as file:
+        annotations = json.load(file)["annotations"]
+    assert [a["image_id"] for a in annotations] == list(range(5))
+    assert annotations[2]["file_name"] == "000002.png"
+    # Segment ids as in the map, dataset category ids (person 1, car 3, sky 17).
+    assert annotations[2]["segments_info"] == [
+        {"id": s["id"], "category_id": CATEGORIES[s["category_id"]]["id"]} for s in images[2][1]
+    ]
+    reader = PanopticEvaluator(CATEGORIES, workers=0)
+    for image_id, (pred, pred_segments, gt, gt_segments) in enumerate(images):
+        read = read_panoptic_png(tmp_path / "predictions" / f"{image_id:06d}.png")
+        np.testing.assert_array_equal(read, pred)
+        reader.process(read, pred_segments, gt, gt_segments)
+    assert reader.evaluate() == written
+    with pytest.raises(ValueError, match="needs image_id and file_name"):
+        writer.process(*images[0])
+
+
+def test_segment_ids_round_trip_through_png(tmp_path):
+    ids = np.array([[0, 1, 255], [256, 65535, 256**3 - 1]])
+    assert id_to_rgb(ids)[1].tolist() == [[0, 1, 0], [255, 255, 0], [255, 255, 255]]
+    write_panoptic_png(tmp_path / "ids.png", ids)
+    np.testing.assert_array_equal(read_panoptic_png(tmp_path / "ids.png"), ids)
+    with pytest.raises(ValueError, match="fit a PNG"):
+        id_to_rgb(np.array([[256**3]]))
+    Image.fromarray(np.zeros((2, 2), dtype=np.uint8)).save(tmp_path / "gray.png")
+    with pytest.raises(ValueError, match="gray.png: expected an RGB"):
+        read_panoptic_png(tmp_path / "gray.png")
 
 
 # ----------------------------------------------------------------------------- semantic
@@ -273,6 +431,27 @@ def test_miou_hand_computed_with_ignore():
     assert results["mACC"] == pytest.approx(100 * (1 / 3 + 3 / 4) / 2)
     assert results["per_class_iou"][:2] == pytest.approx([100 / 3, 60.0])
     assert math.isnan(results["per_class_iou"][2])
+
+
+def test_miou_matches_per_class_mask_reference():
+    rng = np.random.default_rng(7)
+    evaluator = SemanticEvaluator(4, ["a", "b", "c", "d"])
+    intersection, union, gt_pixels = np.zeros(4), np.zeros(4), np.zeros(4)
+    for _ in range(5):
+        gt = rng.choice([0, 1, 2, 255], size=(9, 11))  # class 3 never in the ground truth
+        pred = rng.integers(0, 4, size=(9, 11))
+        evaluator.process(pred, gt)
+        valid = gt != 255
+        for c in range(4):
+            intersection[c] += ((gt == c) & (pred == c) & valid).sum()
+            union[c] += (((gt == c) | (pred == c)) & valid).sum()
+            gt_pixels[c] += (gt == c).sum()
+    results = evaluator.evaluate()
+    iou = intersection[:3] / union[:3]
+    assert results["per_class_iou"][:3] == pytest.approx(100 * iou)
+    assert math.isnan(results["per_class_iou"][3])
+    assert results["mIoU"] == pytest.approx(100 * iou.mean())
+    assert results["pACC"] == pytest.approx(100 * intersection.sum() / gt_pixels.sum())
 
 
 def test_semantic_save_writes_tables(tmp_path):
@@ -363,6 +542,95 @@ def test_instance_ap_perfect_and_worse():
     assert worse["per_class"][0]["AP"] < 100.0
 
 
+def _one_person(box_rows, box_cols, size=16):
+    mask = np.zeros((1, size, size), dtype=bool)
+    mask[0, box_rows, box_cols] = True
+    return torch.from_numpy(mask)
+
+
+def test_instance_ap_hand_computed():
+    gt = {
+        "masks": _one_person(slice(0, 5), slice(0, 5)),  # 25 pixels: a small object
+        "labels": torch.tensor([PERSON]),
+        "is_crowd": torch.tensor([False]),
+    }
+    # A false positive ranked above an exact hit: precision 1/2 at every recall -> AP 50.
+    pred = {
+        "masks": torch.cat([_one_person(slice(10, 15), slice(10, 15)), gt["masks"]]),
+        "scores": torch.tensor([0.9, 0.6]),
+        "labels": torch.tensor([PERSON, PERSON]),
+    }
+    evaluator = InstanceEvaluator(CATEGORIES)
+    evaluator.process(0, gt, pred)
+    results = evaluator.evaluate()
+    assert (results["AP"], results["AP50"], results["APs"]) == pytest.approx((50.0, 50.0, 50.0))
+    assert math.isnan(results["APm"]) and math.isnan(results["APl"])  # no such objects
+    assert results["AR100"] == pytest.approx(100.0)
+
+    # A 4x4 detection inside the 5x5 person, IoU 16 / 25 = 0.64: a hit at the IoU thresholds
+    # 0.50, 0.55 and 0.60 of the ten, so AP = 30, AP50 = 100, AP75 = 0.
+    evaluator.reset()
+    pred = {
+        "masks": _one_person(slice(0, 4), slice(0, 4)),
+        "scores": torch.tensor([0.7]),
+        "labels": torch.tensor([PERSON]),
+    }
+    evaluator.process(0, gt, pred)
+    results = evaluator.evaluate()
+    assert (results["AP"], results["AP50"], results["AP75"]) == pytest.approx((30.0, 100.0, 0.0))
+
+
+def test_instance_ap_equals_cocoeval_run_on_json_files(tmp_path):
+    _, _, instance = _split_inputs()
+    evaluator = InstanceEvaluator(CATEGORIES)
+    images, annotations, results = [], [], []
+    for image_id, gt, pred in instance:
+        evaluator.process(image_id, gt, pred)
+        images.append({"id": image_id, "height": 16, "width": 16})
+        for mask, label, crowd in zip(gt["masks"].numpy(), gt["labels"].tolist(), gt["is_crowd"]):
+            if CATEGORIES[label]["isthing"]:
+                rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": image_id,
+                        "category_id": CATEGORIES[label]["id"],
+                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                        "area": float(mask.sum()),
+                        "bbox": mask_util.toBbox(rle).tolist(),
+                        "iscrowd": int(crowd),
+                    }
+                )
+        for mask, score, label in zip(pred["masks"].numpy(), pred["scores"], pred["labels"]):
+            if CATEGORIES[label]["isthing"]:
+                rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": CATEGORIES[label]["id"],
+                        "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                        "score": float(score),
+                    }
+                )
+    categories = [{"id": c["id"], "name": c["name"]} for c in CATEGORIES if c["isthing"]]
+    with open(tmp_path / "gt.json", "w") as file:
+        json.dump({"images": images, "annotations": annotations, "categories": categories}, file)
+    with open(tmp_path / "results.json", "w") as file:
+        json.dump(results, file)
+
+    # pycocotools as one would run it by hand on the two files.
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(tmp_path / "gt.json"))
+        coco_eval = COCOeval(coco_gt, coco_gt.loadRes(str(tmp_path / "results.json")), "segm")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    ours = evaluator.evaluate()
+    expected = [100 * value if value >= 0 else float("nan") for value in coco_eval.stats]
+    assert [ours[key] for key in SUMMARY_KEYS] == pytest.approx(expected, nan_ok=True)
+    assert 0 < ours["AP"] < 100
+
+
 def test_instance_prediction_on_crowd_is_not_a_false_positive():
     gt = _instance_images()[0]
     pred = _perfect_prediction(gt)
@@ -403,14 +671,14 @@ def _split_inputs():
 def _fill(evaluators, inputs, indices):
     panoptic, semantic, instance = inputs
     for i in indices:
-        evaluators["panoptic"].process(*panoptic[i])
+        evaluators["panoptic"].process(*panoptic[i], image_id=i, file_name=f"{i:06d}.jpg")
         evaluators["semantic"].process(*semantic[i])
         evaluators["instance"].process(*instance[i])
 
 
-def _new_evaluators():
+def _new_evaluators(panoptic_workers=0, output_dir=None):
     return {
-        "panoptic": PanopticEvaluator(CATEGORIES),
+        "panoptic": PanopticEvaluator(CATEGORIES, panoptic_workers, output_dir),
         "semantic": SemanticEvaluator(3, ["person", "car", "sky"]),
         "instance": InstanceEvaluator(CATEGORIES),
     }
@@ -438,6 +706,10 @@ def test_merged_states_equal_single_evaluator():
     for name, evaluator in single.items():
         merged = evaluator.merge_states([first[name].state(), second[name].state()])
         _assert_same_results(evaluator.evaluate(), evaluator.compute(merged))
+    # An image counted on two ranks is refused.
+    _fill(second, inputs, [0])
+    with pytest.raises(ValueError, match=r"image ids \[0\] were processed more than once"):
+        single["panoptic"].merge_states([first["panoptic"].state(), second["panoptic"].state()])
 
 
 def _distributed_worker(rank, world_size, init_file, result_dir):
@@ -445,7 +717,8 @@ def _distributed_worker(rank, world_size, init_file, result_dir):
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
     try:
-        evaluators = _new_evaluators()
+        # Each rank scores its panoptic images in a pool of its own and writes its PNGs.
+        evaluators = _new_evaluators(panoptic_workers=1, output_dir=f"{result_dir}/panoptic")
         _fill(evaluators, _split_inputs(), range(rank, 6, world_size))
         results = {name: evaluator.evaluate() for name, evaluator in evaluators.items()}
         torch.save(results, os.path.join(result_dir, f"rank{rank}.pt"))
@@ -461,12 +734,23 @@ def test_evaluate_under_torch_distributed(tmp_path):
         nprocs=2,
         start_method="fork",
     )
+    inputs = _split_inputs()
     single = _new_evaluators()
-    _fill(single, _split_inputs(), range(6))
+    _fill(single, inputs, range(6))
     for rank in range(2):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         for name, evaluator in single.items():
             _assert_same_results(evaluator.evaluate(), results[name])
+
+    # Rank 0 wrote the JSON of all images; read back, the files give the same PQ.
+    with open(tmp_path / "panoptic" / "predictions.json") as file:
+        annotations = json.load(file)["annotations"]
+    assert [annotation["image_id"] for annotation in annotations] == list(range(6))
+    reader = PanopticEvaluator(CATEGORIES, workers=0)
+    for image_id, (_, pred_segments, gt_seg, gt_segments) in enumerate(inputs[0]):
+        pred_seg = read_panoptic_png(tmp_path / "panoptic" / "predictions" / f"{image_id:06d}.png")
+        reader.process(pred_seg, pred_segments, gt_seg, gt_segments)
+    assert reader.evaluate() == single["panoptic"].evaluate()
 
 
 # ----------------------------------------------------------------------------- pictures

@@ -1,4 +1,4 @@
-"""Instance segmentation mask AP through pycocotools' COCOeval, with everything kept in memory."""
+"""Instance segmentation mask AP through pycocotools' COCOeval, on results kept in memory."""
 
 import contextlib
 import copy
@@ -11,7 +11,12 @@ from pycocotools.cocoeval import COCOeval
 
 from eomt.evaluation.semantic import gather_states, to_numpy
 
-SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# COCOeval.stats in order: AP over IoU 0.5:0.95, at 0.5, at 0.75, for small / medium / large
+# objects, then AR for 1 / 10 / 100 detections per image and for small / medium / large objects.
+SUMMARY_KEYS = (
+    *("AP", "AP50", "AP75", "APs", "APm", "APl"),
+    *("AR1", "AR10", "AR100", "ARs", "ARm", "ARl"),
+)
 
 
 def _encode_masks(masks: np.ndarray) -> list[dict]:
@@ -120,14 +125,6 @@ class InstanceEvaluator:
     def compute(self, state: dict[str, list[dict]]) -> dict:
         """AP metrics (percent) and per-class AP from merged images, ground truth, predictions."""
         thing_categories = [self.categories[label] for label in self.thing_labels]
-        if not state["predictions"]:
-            return {
-                **{key: 0.0 for key in SUMMARY_KEYS},
-                "per_class": [
-                    {"name": category["name"], "AP": 0.0} for category in thing_categories
-                ],
-            }
-
         coco_gt = COCO()
         coco_gt.dataset = {
             "images": state["images"],
@@ -137,34 +134,54 @@ class InstanceEvaluator:
             ],
             "categories": [{"id": c["id"], "name": c["name"]} for c in thing_categories],
         }
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log):
+        with contextlib.redirect_stdout(io.StringIO()):
             coco_gt.createIndex()
-            # loadRes writes ids and areas into the dicts it gets, so it gets copies.
-            coco_dt = coco_gt.loadRes(copy.deepcopy(state["predictions"]))
-            coco_eval = COCOeval(coco_gt, coco_dt, iouType="segm")
-            coco_eval.evaluate()
-            coco_eval.accumulate()
-            coco_eval.summarize()
+        results, summary = coco_mask_ap(coco_gt, state["predictions"])
         if self.verbose:
-            print(log.getvalue())
-
-        results = {
-            key: 100 * float(value) if value >= 0 else float("nan")
-            for key, value in zip(SUMMARY_KEYS, coco_eval.stats[: len(SUMMARY_KEYS)])
-        }
-        # precision: (iou thresholds, recall points, classes, area ranges, max detections);
-        # area range 0 is "all", the last max-detections setting is 100.
-        precision = coco_eval.eval["precision"]
-        name_by_dataset_id = {category["id"]: category["name"] for category in thing_categories}
-        results["per_class"] = []
-        for class_index, dataset_id in enumerate(coco_eval.params.catIds):
-            class_precision = precision[:, :, class_index, 0, -1]
-            class_precision = class_precision[class_precision > -1]
-            ap = 100 * float(class_precision.mean()) if class_precision.size else float("nan")
-            results["per_class"].append({"name": name_by_dataset_id[dataset_id], "AP": ap})
+            print(summary)
         return results
 
     def evaluate(self) -> dict:
         """Metrics over the images processed on all ranks (same result on every rank)."""
         return self.compute(self.merge_states(gather_states(self.state())))
+
+
+def coco_mask_ap(coco_gt: COCO, predictions: list[dict]) -> tuple[dict, str]:
+    """COCOeval (segm) of result dicts (``image_id``, ``category_id``, RLE ``segmentation``,
+    ``score``) against ``coco_gt``: the 12 COCO numbers and per-class AP in percent, and the
+    text COCOeval's ``summarize`` prints.
+
+    Numbers COCOeval cannot define (e.g. APs without small objects) are NaN, as are the
+    per-class APs of classes without ground truth. Without any prediction every number is 0.
+    """
+    categories = [coco_gt.cats[category_id] for category_id in sorted(coco_gt.getCatIds())]
+    if not predictions:
+        results = {key: 0.0 for key in SUMMARY_KEYS}
+        results["per_class"] = [{"id": c["id"], "name": c["name"], "AP": 0.0} for c in categories]
+        return results, "no predictions"
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        # loadRes writes ids and areas into the dicts it gets, so it gets copies.
+        coco_dt = coco_gt.loadRes(copy.deepcopy(predictions))
+        coco_eval = COCOeval(coco_gt, coco_dt, iouType="segm")
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        coco_eval.summarize()
+
+    results = {
+        key: 100 * float(value) if value >= 0 else float("nan")
+        for key, value in zip(SUMMARY_KEYS, coco_eval.stats)
+    }
+    # precision: (iou thresholds, recall points, classes, area ranges, max detections);
+    # area range 0 is "all", the last max-detections setting is 100.
+    precision = coco_eval.eval["precision"]
+    results["per_class"] = []
+    for class_index, category_id in enumerate(coco_eval.params.catIds):
+        class_precision = precision[:, :, class_index, 0, -1]
+        class_precision = class_precision[class_precision > -1]
+        ap = 100 * float(class_precision.mean()) if class_precision.size else float("nan")
+        name = coco_gt.cats[category_id]["name"]
+        results["per_class"].append({"id": category_id, "name": name, "AP": ap})
+    return results, summary.getvalue().rstrip()

@@ -1,9 +1,29 @@
-"""Panoptic quality (PQ, SQ, RQ) with the matching rules of the COCO panoptic API's pq_compute."""
+"""Panoptic quality (PQ, SQ, RQ) with the rules of the COCO panoptic API's ``pq_compute``.
+
+The per-image statistics can be computed by a pool of worker processes: ``process`` hands an
+image to the pool and returns, so that inference goes on while earlier images are scored.
+"""
+
+import multiprocessing
+import os
+from collections import Counter, deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from eomt.evaluation.panoptic_io import (
+    prediction_annotation,
+    read_panoptic_png,
+    write_panoptic_json,
+    write_panoptic_png,
+)
 from eomt.evaluation.semantic import gather_states, to_numpy
+
+PREDICTIONS_NAME = "predictions"  # output_dir/predictions.json and output_dir/predictions/*.png
 
 
 def masks_to_panoptic(
@@ -51,6 +71,19 @@ def masks_to_panoptic(
     return segmentation, segments
 
 
+class ImageStats(NamedTuple):
+    """One image's share of the PQ sums.
+
+    ``matches``: (category, IoU) of each true positive, in pq_compute's order, so that adding
+    them up one by one gives its floating-point sums exactly. ``false_positives`` and
+    ``false_negatives``: counts per category, (C,) int64.
+    """
+
+    matches: list[tuple[int, float]]
+    false_positives: np.ndarray
+    false_negatives: np.ndarray
+
+
 def _segments_by_id(segments: list[dict], num_classes: int, what: str) -> dict[int, dict]:
     by_id: dict[int, dict] = {}
     for segment in segments:
@@ -68,44 +101,195 @@ def _segments_by_id(segments: list[dict], num_classes: int, what: str) -> dict[i
     return by_id
 
 
-def _check_ids_match(segment_map: np.ndarray, by_id: dict[int, dict], what: str) -> None:
-    ids_in_map = set(np.unique(segment_map).tolist()) - {0}
-    if ids_in_map - by_id.keys():
+def pq_image_stats(
+    pred_seg: np.ndarray,
+    pred_segments: list[dict],
+    gt_seg: np.ndarray,
+    gt_segments: list[dict],
+    num_classes: int,
+    where: str = "image",
+) -> ImageStats:
+    """PQ statistics of one image, by the rules of pq_compute.
+
+    A prediction and a non-crowd ground-truth segment of the same class match when IoU > 0.5,
+    the union leaving out the prediction's pixels on void. Unmatched non-crowd ground truth is a
+    FN. An unmatched prediction is a FP unless more than half of it lies on void plus the crowd
+    region of its class (the last crowd segment listed for that class). As in pq_compute, a
+    ground-truth segment's ``area`` is taken from its dict when given (COCO JSON files carry it),
+    ground-truth ids missing from the segment list are skipped rather than treated as void, and
+    listed ground truth that covers no pixel is a FN. Every predicted id in the map must be in
+    the segment list and vice versa. ``where`` prefixes error messages.
+    """
+    if pred_seg.shape != gt_seg.shape:
         raise ValueError(
-            f"{what} map has segment ids {sorted(ids_in_map - by_id.keys())} "
-            "that are missing from its segment list"
+            f"{where}: predicted map shape {pred_seg.shape} != ground-truth shape {gt_seg.shape}"
         )
-    if by_id.keys() - ids_in_map:
+    pred_by_id = _segments_by_id(pred_segments, num_classes, f"{where}: predicted")
+    gt_by_id = _segments_by_id(gt_segments, num_classes, f"{where}: ground-truth")
+    for name, segment_map in (("predicted", pred_seg), ("ground-truth", gt_seg)):
+        if not np.issubdtype(segment_map.dtype, np.integer):
+            raise ValueError(
+                f"{where}: the {name} map must hold integer ids, not {segment_map.dtype}"
+            )
+        if segment_map.size and segment_map.min() < 0:
+            raise ValueError(f"{where}: the {name} map holds negative ids")
+
+    # Pixel counts of every (gt id, pred id) pair, void (0) included on both sides, in sorted
+    # (gt id, pred id) order like pq_compute's. Small ids (maps made in memory) allow a
+    # histogram, many times faster than the sort that large ids (COCO PNGs) need.
+    offset = int(pred_seg.max(initial=0)) + 1
+    codes = gt_seg.astype(np.int64) * offset + pred_seg
+    if (int(gt_seg.max(initial=0)) + 1) * offset <= max(codes.size, 1 << 16):
+        histogram = np.bincount(codes.ravel())
+        codes = np.flatnonzero(histogram)
+        counts = histogram[codes]
+    else:
+        codes, counts = np.unique(codes, return_counts=True)
+    gt_ids, pred_ids = np.divmod(codes, offset)
+    intersection = dict(zip(zip(gt_ids.tolist(), pred_ids.tolist()), counts.tolist()))
+    pred_area, gt_pixels = Counter(), Counter()
+    for (gt_id, pred_id), count in intersection.items():
+        pred_area[pred_id] += count
+        gt_pixels[gt_id] += count
+
+    unlisted = sorted(pred_area.keys() - pred_by_id.keys() - {0})
+    if unlisted:
         raise ValueError(
-            f"{what} segment list has ids {sorted(by_id.keys() - ids_in_map)} "
-            "that cover no pixel of its map"
+            f"{where}: predicted map has segment ids {unlisted} that are missing from its "
+            "segment list"
         )
+    absent = sorted(pred_by_id.keys() - pred_area.keys())
+    if absent:
+        raise ValueError(
+            f"{where}: predicted segment list has ids {absent} that cover no pixel of its map"
+        )
+    gt_area = {i: segment.get("area", gt_pixels[i]) for i, segment in gt_by_id.items()}
+
+    matches, matched_gt, matched_pred = [], set(), set()
+    for (gt_id, pred_id), overlap in intersection.items():
+        gt, pred = gt_by_id.get(gt_id), pred_by_id.get(pred_id)
+        if gt is None or pred is None or gt["iscrowd"] or gt["category_id"] != pred["category_id"]:
+            continue
+        pred_on_void = intersection.get((0, pred_id), 0)
+        iou = overlap / (pred_area[pred_id] + gt_area[gt_id] - overlap - pred_on_void)
+        if iou > 0.5:
+            matches.append((gt["category_id"], iou))
+            matched_gt.add(gt_id)
+            matched_pred.add(pred_id)
+
+    false_negatives = np.zeros(num_classes, dtype=np.int64)
+    crowd_id_by_class = {}
+    for gt_id, gt in gt_by_id.items():
+        if gt_id in matched_gt:
+            continue
+        if gt["iscrowd"]:
+            crowd_id_by_class[gt["category_id"]] = gt_id
+            continue
+        false_negatives[gt["category_id"]] += 1
+
+    false_positives = np.zeros(num_classes, dtype=np.int64)
+    for pred_id, pred in pred_by_id.items():
+        if pred_id in matched_pred:
+            continue
+        ignored_area = intersection.get((0, pred_id), 0)
+        crowd_id = crowd_id_by_class.get(pred["category_id"])
+        if crowd_id is not None:
+            ignored_area += intersection.get((crowd_id, pred_id), 0)
+        if ignored_area / pred_area[pred_id] > 0.5:
+            continue
+        false_positives[pred["category_id"]] += 1
+    return ImageStats(matches, false_positives, false_negatives)
+
+
+def _arrays_job(pred_seg, pred_segments, gt_seg, gt_segments, num_classes, where, png_path):
+    """Worker task: statistics of in-memory maps; also writes the prediction PNG if asked."""
+    stats = pq_image_stats(pred_seg, pred_segments, gt_seg, gt_segments, num_classes, where)
+    if png_path is not None:
+        write_panoptic_png(png_path, pred_seg)
+    return stats
+
+
+def _files_job(pred_png, pred_segments, gt_png, gt_segments, num_classes, where):
+    """Worker task: statistics of a predicted and a ground-truth panoptic PNG."""
+    pred_seg, gt_seg = read_panoptic_png(pred_png), read_panoptic_png(gt_png)
+    if pred_seg.shape != gt_seg.shape:
+        raise ValueError(
+            f"{where}: {pred_png} has size {pred_seg.shape} but {gt_png} has {gt_seg.shape}"
+        )
+    return pq_image_stats(pred_seg, pred_segments, gt_seg, gt_segments, num_classes, where)
+
+
+def _compact(segment_map: np.ndarray) -> np.ndarray:
+    """The map in the smallest integer type that holds its ids: less to send to a worker."""
+    if segment_map.size == 0 or segment_map.min() < 0:
+        return segment_map
+    largest = int(segment_map.max())
+    for dtype in (np.uint8, np.uint16, np.int32):
+        if largest <= np.iinfo(dtype).max:
+            return segment_map.astype(dtype, copy=False)
+    return segment_map
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _sequential_mean(values: np.ndarray) -> float:
+    """Mean of values added one by one in order, as pq_compute does, to agree to the last bit."""
+    total = 0.0
+    for value in values.tolist():
+        total += value
+    return total / len(values)
 
 
 class PanopticEvaluator:
     """PQ / SQ / RQ identical to the COCO panoptic API (panopticapi ``pq_compute``).
 
-    Per image: a prediction and a non-crowd ground-truth segment of the same class match when
-    IoU > 0.5, where the union leaves out the prediction's pixels on void (IoU = intersection /
-    (union - prediction area on void)). Unmatched non-crowd ground truth counts as FN; crowd
-    ground truth never does. An unmatched prediction counts as FP unless more than half of it lies
-    on void plus the crowd region of its own class (pq_compute keeps one crowd region per class:
-    the last one listed). Class scores: PQ = sum IoU / (TP + FP/2 + FN/2), SQ = sum IoU / TP,
-    RQ = TP / (TP + FP/2 + FN/2); All / Things / Stuff average over the classes of the group with
-    TP + FP + FN > 0 (0 for a group with no such class). Results are in percent.
+    Per-image rules: see ``pq_image_stats``. Class scores: PQ = sum IoU / (TP + FP/2 + FN/2),
+    SQ = sum IoU / TP, RQ = TP / (TP + FP/2 + FN/2); All / Things / Stuff average over the
+    classes of the group with TP + FP + FN > 0 (N of them; 0 for a group with none, where
+    pq_compute divides by zero). Results are in percent.
+
+    ``workers`` processes (default min(8, CPU count); 0 = compute in this process) score the
+    images while the caller goes on; at most 2 x workers images wait, so memory stays flat.
+    Results do not depend on the number of workers: images are added up in the order given.
+    An error in an image surfaces at a later ``process`` call or at ``evaluate``. Worker tasks
+    are top-level functions of picklable arguments, so every start method works; ``start_method``
+    None takes multiprocessing's default (fork on Linux: instant, whereas a spawned worker first
+    imports the eomt package, seconds). With ``output_dir`` the predictions are also written in
+    the COCO panoptic result format: ``output_dir/predictions/<file stem>.png`` (by the workers)
+    and ``output_dir/predictions.json`` (at ``evaluate``, by rank 0).
     """
 
-    def __init__(self, categories: list[dict]):
+    def __init__(
+        self,
+        categories: list[dict],
+        workers: int | None = None,
+        output_dir: str | Path | None = None,
+        start_method: str | None = None,
+    ):
         self.categories = categories
         self.num_classes = len(categories)
         self.is_thing = np.array([bool(category["isthing"]) for category in categories])
+        self.workers = min(8, os.cpu_count() or 1) if workers is None else workers
+        if self.workers < 0:
+            raise ValueError(f"PanopticEvaluator: workers must be >= 0, got {self.workers}")
+        self.start_method = start_method
+        self.output_dir = None if output_dir is None else Path(output_dir)
+        if self.output_dir is not None:
+            (self.output_dir / PREDICTIONS_NAME).mkdir(parents=True, exist_ok=True)
+        self._pool: ProcessPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
         self.reset()
 
     def reset(self) -> None:
+        self._close_pool()
         self.iou_sum = np.zeros(self.num_classes, dtype=np.float64)
         self.true_positives = np.zeros(self.num_classes, dtype=np.int64)
         self.false_positives = np.zeros(self.num_classes, dtype=np.int64)
         self.false_negatives = np.zeros(self.num_classes, dtype=np.int64)
+        self.image_ids: list[int] = []
+        self.annotations: list[dict] = []
 
     def process(
         self,
@@ -113,83 +297,131 @@ class PanopticEvaluator:
         pred_segments: list[dict],
         gt_seg: np.ndarray | torch.Tensor,
         gt_segments: list[dict],
+        image_id: int | str | None = None,
+        file_name: str | None = None,
     ) -> None:
-        """Add one image: segment-id maps (0 = void) with their segment dicts."""
-        pred_seg = to_numpy(pred_seg).astype(np.int64)
-        gt_seg = to_numpy(gt_seg).astype(np.int64)
-        if pred_seg.shape != gt_seg.shape:
-            raise ValueError(f"pred_seg shape {pred_seg.shape} != gt_seg shape {gt_seg.shape}")
-        pred_by_id = _segments_by_id(pred_segments, self.num_classes, "predicted")
-        gt_by_id = _segments_by_id(gt_segments, self.num_classes, "ground-truth")
-        _check_ids_match(pred_seg, pred_by_id, "predicted")
-        _check_ids_match(gt_seg, gt_by_id, "ground-truth")
+        """Add one image: segment-id maps (0 = void) with their segment dicts (contiguous labels).
 
-        pred_ids, pred_areas = np.unique(pred_seg, return_counts=True)
-        pred_area = dict(zip(pred_ids.tolist(), pred_areas.tolist()))
-        gt_ids, gt_areas = np.unique(gt_seg, return_counts=True)
-        gt_area = dict(zip(gt_ids.tolist(), gt_areas.tolist()))
+        ``image_id`` lets ``evaluate`` refuse an image counted twice (e.g. on two ranks); it and
+        ``file_name`` (the image's, e.g. ``000139.jpg``) are required with ``output_dir``.
+        """
+        png_path = None
+        if self.output_dir is not None:
+            if image_id is None or file_name is None:
+                raise ValueError("PanopticEvaluator with output_dir needs image_id and file_name")
+            png_name = Path(file_name).stem + ".png"
+            png_path = str(self.output_dir / PREDICTIONS_NAME / png_name)
+            self.annotations.append(
+                prediction_annotation(image_id, png_name, pred_segments, self.categories)
+            )
+        if image_id is not None:
+            self.image_ids.append(image_id)
+        where = "image" if image_id is None else f"image {image_id}"
+        pred_seg, gt_seg = to_numpy(pred_seg), to_numpy(gt_seg)
+        if self.workers:
+            pred_seg, gt_seg = _compact(pred_seg), _compact(gt_seg)
+        self._submit(
+            _arrays_job,
+            pred_seg,
+            list(pred_segments),
+            gt_seg,
+            list(gt_segments),
+            self.num_classes,
+            where,
+            png_path,
+        )
 
-        # Pixel counts of every (gt id, pred id) pair, void (0) included on both sides.
-        offset = int(pred_seg.max()) + 1
-        pair_codes, pair_counts = np.unique(gt_seg * offset + pred_seg, return_counts=True)
-        intersection = {
-            (code // offset, code % offset): count
-            for code, count in zip(pair_codes.tolist(), pair_counts.tolist())
-        }
+    def process_files(
+        self,
+        pred_png: str | Path,
+        pred_segments: list[dict],
+        gt_png: str | Path,
+        gt_segments: list[dict],
+        image_id: int | str,
+    ) -> None:
+        """Add one image stored as COCO panoptic PNGs; segment dicts with contiguous labels.
 
-        matched_gt, matched_pred = set(), set()
-        for (gt_id, pred_id), overlap in intersection.items():
-            if gt_id == 0 or pred_id == 0:
-                continue
-            gt, pred = gt_by_id[gt_id], pred_by_id[pred_id]
-            if gt["iscrowd"] or gt["category_id"] != pred["category_id"]:
-                continue
-            pred_on_void = intersection.get((0, pred_id), 0)
-            union = pred_area[pred_id] + gt_area[gt_id] - overlap - pred_on_void
-            iou = overlap / union
-            if iou > 0.5:
-                self.true_positives[gt["category_id"]] += 1
-                self.iou_sum[gt["category_id"]] += iou
-                matched_gt.add(gt_id)
-                matched_pred.add(pred_id)
+        The PNGs are read by the workers.
+        """
+        self.image_ids.append(image_id)
+        where = f"image {image_id} ({pred_png})"
+        self._submit(
+            _files_job,
+            str(pred_png),
+            list(pred_segments),
+            str(gt_png),
+            list(gt_segments),
+            self.num_classes,
+            where,
+        )
 
-        crowd_id_by_class = {}
-        for gt_id, gt in gt_by_id.items():
-            if gt_id in matched_gt:
-                continue
-            if gt["iscrowd"]:
-                crowd_id_by_class[gt["category_id"]] = gt_id
-                continue
-            self.false_negatives[gt["category_id"]] += 1
+    def _submit(self, job, *args) -> None:
+        if self.workers == 0:
+            self._add(job(*args))
+            return
+        if self._pool is None:
+            context = multiprocessing.get_context(self.start_method)
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
+        if len(self._pending) >= 2 * self.workers:
+            self._add_oldest()
+        self._pending.append(self._pool.submit(job, *args))
 
-        for pred_id, pred in pred_by_id.items():
-            if pred_id in matched_pred:
-                continue
-            ignored_area = intersection.get((0, pred_id), 0)
-            crowd_id = crowd_id_by_class.get(pred["category_id"])
-            if crowd_id is not None:
-                ignored_area += intersection.get((crowd_id, pred_id), 0)
-            if ignored_area / pred_area[pred_id] > 0.5:
-                continue
-            self.false_positives[pred["category_id"]] += 1
+    def _add_oldest(self) -> None:
+        try:
+            stats = self._pending.popleft().result()
+        except BaseException:
+            self._close_pool()
+            raise
+        self._add(stats)
 
-    def state(self) -> dict[str, np.ndarray]:
+    def _add(self, stats: ImageStats) -> None:
+        for category, iou in stats.matches:
+            self.true_positives[category] += 1
+            self.iou_sum[category] += iou
+        self.false_positives += stats.false_positives
+        self.false_negatives += stats.false_negatives
+
+    def _close_pool(self) -> None:
+        """Stop the workers, dropping images not yet added."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+        self._pool = None
+        self._pending.clear()
+
+    def state(self) -> dict:
+        """This process's sums, once every submitted image is added (the pool is then closed)."""
+        while self._pending:
+            self._add_oldest()
+        self._close_pool()
         return {
             "iou_sum": self.iou_sum,
             "tp": self.true_positives,
             "fp": self.false_positives,
             "fn": self.false_negatives,
+            "image_ids": self.image_ids,
+            "annotations": self.annotations,
         }
 
     @staticmethod
-    def merge_states(states: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        return {key: np.sum([state[key] for state in states], axis=0) for key in states[0]}
+    def merge_states(states: list[dict]) -> dict:
+        merged = {
+            key: np.sum([state[key] for state in states], axis=0)
+            for key in ("iou_sum", "tp", "fp", "fn")
+        }
+        for key in ("image_ids", "annotations"):
+            merged[key] = [entry for state in states for entry in state[key]]
+        repeated = sorted(i for i, count in Counter(merged["image_ids"]).items() if count > 1)
+        if repeated:
+            raise ValueError(
+                f"PanopticEvaluator: image ids {repeated[:10]} were processed more than once"
+            )
+        return merged
 
-    def compute(self, state: dict[str, np.ndarray]) -> dict:
+    def compute(self, state: dict) -> dict:
         """Metrics (percent) from accumulated per-class sums."""
         iou_sum, tp, fp, fn = state["iou_sum"], state["tp"], state["fp"], state["fn"]
         counted = tp + fp + fn > 0
-        denominator = np.maximum(tp + 0.5 * fp + 0.5 * fn, 1e-12)
+        denominator = np.where(counted, tp + 0.5 * fp + 0.5 * fn, 1.0)
         pq = np.where(counted, iou_sum / denominator, 0.0)
         sq = np.where(tp > 0, iou_sum / np.maximum(tp, 1), 0.0)
         rq = np.where(counted, tp / denominator, 0.0)
@@ -202,10 +434,12 @@ class PanopticEvaluator:
         ):
             averaged = counted & group
             for name, values in (("PQ", pq), ("SQ", sq), ("RQ", rq)):
-                mean = values[averaged].mean() if averaged.any() else 0.0
-                results[name + suffix] = 100 * float(mean)
+                mean = _sequential_mean(values[averaged]) if averaged.any() else 0.0
+                results[name + suffix] = 100 * mean
+            results["N" + suffix] = int(averaged.sum())
         results["per_class"] = [
             {
+                "id": category["id"],
                 "name": category["name"],
                 "isthing": int(category["isthing"]),
                 "PQ": 100 * float(pq[index]),
@@ -221,4 +455,7 @@ class PanopticEvaluator:
 
     def evaluate(self) -> dict:
         """Metrics over the images processed on all ranks (same result on every rank)."""
-        return self.compute(self.merge_states(gather_states(self.state())))
+        state = self.merge_states(gather_states(self.state()))
+        if self.output_dir is not None and _rank() == 0:
+            write_panoptic_json(self.output_dir / f"{PREDICTIONS_NAME}.json", state["annotations"])
+        return self.compute(state)
