@@ -185,8 +185,12 @@ def test_cli_table_and_cpu_fps(tmp_path, capsys):
         assert cells[0] == config
         assert float(cells[3]) > 0
 
-    cli.main(cli.parse_args([*args, "--iterations", "2", "model.num_queries=5"]))
-    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    # An override right after the config files applies to them, it is not a config.
+    args = ["--config-file", configs[0], "model.num_queries=5", *args[1 + len(configs) :]]
+    cli.main(cli.parse_args([*args, "--iterations", "2"]))
+    (line,) = capsys.readouterr().out.splitlines()
+    record = json.loads(line)
+    assert record["config"] == configs[0]
     assert record["overrides"] == ["model.num_queries=5"]
     assert record["device"] == "cpu" and record["precision"] == "float32"
     assert record["iterations"] == 2 and record["warmup"] == 1
@@ -194,7 +198,10 @@ def test_cli_table_and_cpu_fps(tmp_path, capsys):
     assert "not comparable" in record["note"]
 
 
-def test_cli_rejects_params_only_with_fps(tmp_path):
-    cli = load_cli()
+@pytest.mark.parametrize(
+    "argv",
+    [["--config-file", "x.yaml", "--params-only", "--fps"], ["--config-file", "model.a=1"]],
+)
+def test_cli_rejects_contradictory_arguments(argv):
     with pytest.raises(SystemExit):
-        cli.parse_args(["--config-file", "x.yaml", "--params-only", "--fps"])
+        load_cli().parse_args(argv)

@@ -39,8 +39,15 @@ def parse_args(argv=None):
         "--params-only", action="store_true", help="count parameters only (meta device, fast)"
     )
     parser.add_argument("--table", action="store_true", help="print a markdown table instead")
-    parser.add_argument("overrides", nargs="*", help="config overrides for every config: key=value")
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides for every config: key=value (anywhere)"
+    )
     args = parser.parse_args(argv)
+    # --config-file takes every argument after it: its key=value items are overrides too.
+    args.overrides = [item for item in args.config_file if "=" in item] + args.overrides
+    args.config_file = [item for item in args.config_file if "=" not in item]
+    if not args.config_file:
+        parser.error("--config-file: no config file given, only key=value overrides")
     if args.params_only and args.fps:
         parser.error("--params-only and --fps exclude each other")
     if args.batch_size < 1:
