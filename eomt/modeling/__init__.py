@@ -1,13 +1,24 @@
+from torch import nn
+
 from eomt.modeling.backbone import build_vit, embed_tokens
 from eomt.modeling.eomt import EoMT
+from eomt.modeling.mask2former import Mask2Former
+
+MODEL_NAMES = ("eomt", "m2f")
 
 
-def build_model(cfg, backbone_weights: bool = True) -> EoMT:
-    """The EoMT model a config describes, with the backbone's pretrained weights if asked
-    (`backbone_weights=False` skips them, when a full checkpoint is loaded next)."""
+def build_model(cfg, backbone_weights: bool = True) -> nn.Module:
+    """The model a config describes (`model.name`: "eomt", or "m2f" for Mask2Former and the
+    ladder between it and EoMT, set by the `m2f` keys), with the backbone's pretrained weights
+    if asked (`backbone_weights=False` skips them, when a full checkpoint is loaded next)."""
     m = cfg.model
-    if m.name != "eomt":
-        raise ValueError(f"model.name '{m.name}' is not one of ['eomt']")
+    if m.name not in MODEL_NAMES:
+        raise ValueError(f"model.name '{m.name}' is not one of {list(MODEL_NAMES)}")
+    if m.name == "m2f" and m.masked_attn == "anneal":
+        raise ValueError(
+            "model.masked_attn 'anneal' is not available with model.name 'm2f': "
+            "set 'always' (Mask2Former) or 'never'"
+        )
     backbone = build_vit(
         m.backbone,
         img_size=tuple(cfg.input.image_size),
@@ -16,6 +27,26 @@ def build_model(cfg, backbone_weights: bool = True) -> EoMT:
         weights=m.backbone_weights if backbone_weights else "",
         **m.backbone_kwargs,
     )
+    if m.name == "m2f":
+        c = cfg.m2f
+        return Mask2Former(
+            backbone,
+            num_classes=m.num_classes,
+            num_queries=m.num_queries,
+            adapter=c.adapter,
+            pixel_decoder=c.pixel_decoder,
+            multi_scale=c.multi_scale,
+            masked_attn=m.masked_attn,
+            hidden_dim=c.hidden_dim,
+            num_heads=c.num_heads,
+            dec_layers=c.dec_layers,
+            dim_feedforward=c.dim_feedforward,
+            enc_layers=c.enc_layers,
+            enc_dim_feedforward=c.enc_dim_feedforward,
+            deform_points=c.deform_points,
+            adapter_deform_ratio=c.adapter_deform_ratio,
+            adapter_interaction_indexes=[list(g) for g in c.adapter_interaction_indexes] or None,
+        )
     return EoMT(
         backbone,
         num_classes=m.num_classes,
@@ -25,4 +56,4 @@ def build_model(cfg, backbone_weights: bool = True) -> EoMT:
     )
 
 
-__all__ = ["EoMT", "build_model", "build_vit", "embed_tokens"]
+__all__ = ["EoMT", "Mask2Former", "build_model", "build_vit", "embed_tokens"]
