@@ -289,6 +289,30 @@ def test_triton_kernels_match_pytorch_in_the_interpreter():
 
 
 @needs_triton
+def test_triton_kernels_compile_for_h100_without_a_gpu():
+    """The interpreter does not check what only the GPU compiler sees (types, layouts): build
+    both kernels ahead of time for sm_90, with bf16 values as under autocast."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from eomt.modeling.ms_deform_attn_triton import _backward_kernel, _forward_kernel
+
+    inputs = dict(value_ptr="*bf16", shapes_ptr="*i64", starts_ptr="*i64")
+    inputs.update(locations_ptr="*fp32", weights_ptr="*fp32")
+    grads = dict.fromkeys(("grad_value_ptr", "grad_locations_ptr", "grad_weights_ptr"), "*fp32")
+    sizes = dict.fromkeys(("num_values", "num_queries", "num_heads", "head_dim"), "i32")
+    constants = dict(NUM_LEVELS=3, NUM_POINTS=4, BLOCK_Q=64, BLOCK_D=32)
+    for kernel, pointers in (
+        (_forward_kernel, dict(inputs, out_ptr="*fp32")),
+        (_backward_kernel, dict(inputs, grad_out_ptr="*fp32", **grads)),
+    ):
+        signature = {**pointers, **sizes, **dict.fromkeys(constants, "constexpr")}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+        assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+
+
+@needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])
 def test_triton_kernels_match_pytorch_on_gpu(value_dtype):

@@ -49,11 +49,11 @@ def _forward_kernel(
     rows = (batch * num_queries + queries) * num_heads + head
 
     acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=tl.float32)
-    for level in tl.static_range(NUM_LEVELS):
+    for level in range(NUM_LEVELS):
         height = tl.load(shapes_ptr + 2 * level)
         width = tl.load(shapes_ptr + 2 * level + 1)
         start = tl.load(starts_ptr + level)
-        for point in tl.static_range(NUM_POINTS):
+        for point in range(NUM_POINTS):
             k = rows * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
             x = tl.load(locations_ptr + 2 * k, mask=query_ok).to(tl.float32) * width - 0.5
             y = tl.load(locations_ptr + 2 * k + 1, mask=query_ok).to(tl.float32) * height - 0.5
@@ -118,11 +118,11 @@ def _backward_kernel(
         other=0.0,
     ).to(tl.float32)
 
-    for level in tl.static_range(NUM_LEVELS):
+    for level in range(NUM_LEVELS):
         height = tl.load(shapes_ptr + 2 * level)
         width = tl.load(shapes_ptr + 2 * level + 1)
         start = tl.load(starts_ptr + level)
-        for point in tl.static_range(NUM_POINTS):
+        for point in range(NUM_POINTS):
             k = rows * (NUM_LEVELS * NUM_POINTS) + level * NUM_POINTS + point
             x = tl.load(locations_ptr + 2 * k, mask=query_ok).to(tl.float32) * width - 0.5
             y = tl.load(locations_ptr + 2 * k + 1, mask=query_ok).to(tl.float32) * height - 0.5
