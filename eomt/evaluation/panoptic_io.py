@@ -17,9 +17,11 @@ MAX_SEGMENT_ID = 256**3 - 1
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """(H, W, 3) colours -> (H, W) int64 segment ids."""
-    rgb = rgb.astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+    """(H, W, 3) uint8 colours -> (H, W) uint32 segment ids."""
+    ids = rgb[..., 0].astype(np.uint32)
+    ids |= rgb[..., 1].astype(np.uint32) << 8
+    ids |= rgb[..., 2].astype(np.uint32) << 16
+    return ids
 
 
 def id_to_rgb(segment_map: np.ndarray) -> np.ndarray:
@@ -35,7 +37,7 @@ def id_to_rgb(segment_map: np.ndarray) -> np.ndarray:
 
 
 def read_panoptic_png(path: str | Path) -> np.ndarray:
-    """Segment ids (H, W) int64 of a panoptic PNG (its first three channels, as the COCO API)."""
+    """Segment ids (H, W) uint32 of a panoptic PNG (its first three channels, as the COCO API)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"panoptic PNG not found: {path}")
     with Image.open(path) as png:
