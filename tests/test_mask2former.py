@@ -275,5 +275,7 @@ def test_build_model_dispatch_and_bad_options():
         Mask2Former(tiny_vit(), 3, adapter="fpn", **TINY)
     with pytest.raises(ValueError, match="multi_scale=False needs pixel_decoder 'none'"):
         Mask2Former(tiny_vit(), 3, multi_scale=False, **TINY)
+    with pytest.raises(ValueError, match="2 decoder layers would leave some of the 3"):
+        Mask2Former(tiny_vit(), 3, **{**TINY, "dec_layers": 2})
     with pytest.raises(ValueError, match="divisible by 32"):
         tiny_m2f("step2_no_pixel_decoder")(torch.rand(1, 3, 48, 64))

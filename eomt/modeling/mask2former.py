@@ -254,6 +254,11 @@ class MaskedTransformerDecoder(nn.Module):
         masked_attn: bool = True,
     ):
         super().__init__()
+        if num_layers < num_levels:
+            raise ValueError(
+                f"{num_layers} decoder layers would leave some of the {num_levels} feature "
+                "levels unread: use at least one layer per level"
+            )
         self.num_heads = num_heads
         self.num_levels = num_levels
         self.masked_attn = masked_attn
