@@ -265,6 +265,10 @@ def test_panoptic_rejects_inconsistent_segments():
         evaluator.process(seg, [segment(1, SKY), segment(2, CAR)], seg, [segment(1, SKY)])
     with pytest.raises(ValueError, match="shape"):
         evaluator.process(seg, [segment(1, SKY)], seg[:1], [segment(1, SKY)])
+    with pytest.raises(
+        ValueError, match=r"ground-truth segment .* lacks the key\(s\) \['iscrowd'\]"
+    ):
+        evaluator.process(seg, [segment(1, SKY)], seg, [{"id": 1, "category_id": SKY}])
     with pytest.raises(ValueError, match="integer ids, not float64"):
         evaluator.process(seg * 1.0, [segment(1, SKY)], seg, [segment(1, SKY)])
     # With workers the error surfaces later, naming the image.

@@ -84,9 +84,14 @@ class ImageStats(NamedTuple):
     false_negatives: np.ndarray
 
 
-def _segments_by_id(segments: list[dict], num_classes: int, what: str) -> dict[int, dict]:
+def _segments_by_id(
+    segments: list[dict], num_classes: int, what: str, keys: tuple[str, ...]
+) -> dict[int, dict]:
     by_id: dict[int, dict] = {}
     for segment in segments:
+        missing = [key for key in keys if key not in segment]
+        if missing:
+            raise ValueError(f"{what} segment {segment} lacks the key(s) {missing}")
         segment_id, category = segment["id"], segment["category_id"]
         if segment_id == 0:
             raise ValueError(f"{what} segment id 0 is reserved for void")
@@ -124,8 +129,12 @@ def pq_image_stats(
         raise ValueError(
             f"{where}: predicted map shape {pred_seg.shape} != ground-truth shape {gt_seg.shape}"
         )
-    pred_by_id = _segments_by_id(pred_segments, num_classes, f"{where}: predicted")
-    gt_by_id = _segments_by_id(gt_segments, num_classes, f"{where}: ground-truth")
+    pred_by_id = _segments_by_id(
+        pred_segments, num_classes, f"{where}: predicted", ("id", "category_id")
+    )
+    gt_by_id = _segments_by_id(
+        gt_segments, num_classes, f"{where}: ground-truth", ("id", "category_id", "iscrowd")
+    )
     for name, segment_map in (("predicted", pred_seg), ("ground-truth", gt_seg)):
         if not np.issubdtype(segment_map.dtype, np.integer):
             raise ValueError(
