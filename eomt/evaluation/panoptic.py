@@ -297,7 +297,7 @@ class PanopticEvaluator:
         self.true_positives = np.zeros(self.num_classes, dtype=np.int64)
         self.false_positives = np.zeros(self.num_classes, dtype=np.int64)
         self.false_negatives = np.zeros(self.num_classes, dtype=np.int64)
-        self.image_ids: list[int] = []
+        self.image_ids: list[int | str] = []
         self.annotations: list[dict] = []
 
     def process(
