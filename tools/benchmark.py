@@ -36,7 +36,9 @@ def parse_args(argv=None):
         help="semantic configs: the image whose windows are counted (default: typical val image)",
     )
     parser.add_argument(
-        "--params-only", action="store_true", help="count parameters only (meta device, fast)"
+        "--no-gflops",
+        action="store_true",
+        help="skip the FLOP count (without --fps: parameters only, built on the meta device)",
     )
     parser.add_argument("--table", action="store_true", help="print a markdown table instead")
     parser.add_argument(
@@ -48,8 +50,6 @@ def parse_args(argv=None):
     args.config_file = [item for item in args.config_file if "=" not in item]
     if not args.config_file:
         parser.error("--config-file: no config file given, only key=value overrides")
-    if args.params_only and args.fps:
-        parser.error("--params-only and --fps exclude each other")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     return args
@@ -59,7 +59,7 @@ def markdown_table(records: list[dict]) -> str:
     lines = ["| Config | Params (M) | GFLOPs | FPS |", "|---|---|---|---|"]
     for record in records:
         name = " ".join([record["config"], *record.get("overrides", [])])
-        gflops = f"{record['gflops']:.0f}" if "gflops" in record else "-"
+        gflops = f"{record['gflops']:.1f}" if "gflops" in record else "-"
         fps = f"{record['fps']:.1f}" if "fps" in record else "-"
         lines.append(f"| {name} | {record['params'] / 1e6:.1f} | {gflops} | {fps} |")
     return "\n".join(lines)
@@ -75,7 +75,7 @@ def main(args) -> None:
         record.update(
             benchmark(
                 cfg,
-                flops=not args.params_only,
+                flops=not args.no_gflops,
                 fps=args.fps,
                 device=args.device,
                 batch_size=args.batch_size,
