@@ -159,3 +159,15 @@ def test_backbone_weights_from_a_local_file_are_resampled(tmp_path):
     expected = torch.nn.functional.conv2d(flat, source.patch_embed.proj.weight)
     got = torch.nn.functional.conv2d(torch.full((1, 3, 16, 16), 0.3), vit.patch_embed.proj.weight)
     torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)
+
+
+def test_eva02_final_norm_normalises_the_tokens():
+    vit = build_vit(
+        "eva02_large_patch14_224.mim_m38m", (32, 32), 16, embed_dim=32, depth=2, num_heads=2
+    )
+    assert isinstance(vit.norm, torch.nn.LayerNorm)
+    assert isinstance(vit.fc_norm, torch.nn.Identity)
+    model = EoMT(vit, NUM_CLASSES, NUM_QUERIES, num_query_blocks=1).train()
+    outputs = model(torch.rand(1, 3, 32, 32))
+    sum(p["mask_logits"].sum() + p["class_logits"].sum() for p in outputs).backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -77,8 +77,14 @@ def test_overfits_a_few_images(tiny_cfg, tmp_path):
         "checkpoint_period=1000",
         "log_period=10",
         "test.metrics=[panoptic, semantic, instance]",
+        "test.save_panoptic=true",
+        "test.pq_workers=1",
     )
     results = Trainer(cfg).train()
+    # Predictions also written in the COCO panoptic format, one PNG per image.
+    written = json.load(open(f"{cfg.output_dir}/panoptic/predictions.json"))
+    assert len(written["annotations"]) == 4
+    assert len(list((tmp_path / "run" / "panoptic" / "predictions").glob("*.png"))) == 4
     records = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
     losses = [r["loss"] for r in records if "loss" in r]
     assert losses[-1] < 0.25 * losses[0]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+from eomt.engine import distributed as dist
 from eomt.evaluation import (
     InstanceEvaluator,
     PanopticEvaluator,
@@ -166,10 +167,13 @@ def infer(model, images: list[torch.Tensor], cfg, categories: list[dict], tasks)
     ]
 
 
-def build_evaluators(metrics, categories: list[dict]) -> dict:
+def build_evaluators(metrics, categories: list[dict], test_cfg, output_dir=None) -> dict:
     names = [c["name"] for c in categories]
+    panoptic_dir = Path(output_dir, "panoptic") if output_dir and test_cfg.save_panoptic else None
     factories = {
-        "panoptic": lambda: PanopticEvaluator(categories),
+        "panoptic": lambda: PanopticEvaluator(
+            categories, workers=test_cfg.pq_workers, output_dir=panoptic_dir
+        ),
         "semantic": lambda: SemanticEvaluator(len(categories), names),
         "instance": lambda: InstanceEvaluator(categories),
     }
@@ -192,7 +196,7 @@ def evaluate(model, loader, cfg, categories: list[dict], output_dir: str | None,
     """
     was_training = model.training
     model.eval()
-    evaluators = build_evaluators(cfg.test.metrics, categories)
+    evaluators = build_evaluators(cfg.test.metrics, categories, cfg.test, output_dir)
     is_thing = [bool(c["isthing"]) for c in categories]
     vis_dir = Path(output_dir, "vis") if output_dir and cfg.test.num_vis > 0 else None
     num_drawn = 0
@@ -204,7 +208,14 @@ def evaluate(model, loader, cfg, categories: list[dict], output_dir: str | None,
             if "panoptic" in results:
                 gt_seg, gt_segments = masks_to_panoptic(masks, labels, crowd, is_thing)
                 seg, segments = results["panoptic"]
-                evaluators["panoptic"].process(seg.cpu().numpy(), segments, gt_seg, gt_segments)
+                evaluators["panoptic"].process(
+                    seg.cpu().numpy(),
+                    segments,
+                    gt_seg,
+                    gt_segments,
+                    image_id=target["image_id"],
+                    file_name=target["file_name"],
+                )
                 if vis_dir is not None and num_drawn < cfg.test.num_vis:
                     _draw(vis_dir, image, target, seg, segments, gt_seg, gt_segments, categories)
                     num_drawn += 1
@@ -215,7 +226,7 @@ def evaluate(model, loader, cfg, categories: list[dict], output_dir: str | None,
                 pred = {k: v.cpu() for k, v in results["instance"].items()}
                 evaluators["instance"].process(target["image_id"], target, pred)
     metrics = {name: evaluator.evaluate() for name, evaluator in evaluators.items()}
-    if output_dir and "semantic" in evaluators:
+    if output_dir and "semantic" in evaluators and dist.is_main():
         evaluators["semantic"].save(str(Path(output_dir, "semantic")))
     model.train(was_training)
     return metrics

@@ -234,7 +234,7 @@ class Trainer:
             loader,
             cfg,
             self.test_set.categories,
-            str(self.output_dir) if dist.is_main() else None,
+            str(self.output_dir),
             show=dist.is_main(),
         )
         if dist.is_main():

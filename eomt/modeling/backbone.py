@@ -36,6 +36,12 @@ def build_vit(
     )
     if not hasattr(vit, "blocks") or not hasattr(vit, "_pos_embed"):
         raise ValueError(f"timm model '{name}' is not a plain ViT (no blocks / _pos_embed)")
+    # Models pooled by averaging (EVA-02) keep their last LayerNorm as `fc_norm`, after the
+    # pooling: here it normalises the tokens, and no parameter is left without a gradient.
+    if isinstance(vit.norm, nn.Identity) and not isinstance(
+        getattr(vit, "fc_norm", nn.Identity()), nn.Identity
+    ):
+        vit.norm, vit.fc_norm = vit.fc_norm, nn.Identity()
     return vit
 
 
