@@ -153,6 +153,11 @@ def benchmark(
     Without `flops` and `fps` the model is built on the meta device (no memory, no init).
     FLOPs are counted on the CPU in float32; FPS runs on `device`.
     """
+    torch_device = torch.device(device)
+    if fps and torch_device.type not in DEFAULT_ITERATIONS:
+        raise ValueError(f"FPS device must be one of {sorted(DEFAULT_ITERATIONS)}, got '{device}'")
+    if fps and torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("FPS on device 'cuda' asked for, but CUDA is not available")
     crops, crop_image_size = crops_per_image(cfg, image_size)
     height, width = cfg.input.image_size
     result = {"task": cfg.task, "input_size": [height, width], "crops_per_image": crops}
@@ -177,18 +182,14 @@ def benchmark(
             "scaled_dot_product_attention counted as q@k^T + attn@v"
         )
     if fps:
-        torch_device = torch.device(device)
-        if torch_device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' asked for, but CUDA is not available")
         default_warmup, default_iterations = DEFAULT_ITERATIONS[torch_device.type]
         warmup = default_warmup if warmup is None else warmup
         iterations = default_iterations if iterations is None else iterations
         input_shape = (batch_size * crops, 3, height, width)
         timing = measure_fps(model, input_shape, torch_device, warmup, iterations, compile_model)
-        images_per_second = batch_size * timing["forwards_per_second"]
         result.update(
-            fps=round(images_per_second, 2),
-            latency_ms=round(1000 * batch_size / images_per_second, 2),
+            fps=round(batch_size * timing["forwards_per_second"], 2),
+            latency_ms=round(1000 / timing["forwards_per_second"], 2),
             peak_memory_mb=round(timing["peak_memory_mb"], 1),
             device=timing["device"],
             batch_size=batch_size,

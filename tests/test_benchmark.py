@@ -205,3 +205,25 @@ def test_cli_table_and_cpu_fps(tmp_path, capsys):
 def test_cli_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):
         load_cli().parse_args(argv)
+
+
+def test_fps_device_is_checked_before_building():
+    cfg = get_cfg(TINY_CONFIG, HAND_OVERRIDES)
+    with pytest.raises(ValueError, match="'mps'"):
+        benchmark(cfg, fps=True, device="mps")
+
+
+@pytest.mark.slow
+def test_compiled_cpu_fps():
+    cfg = get_cfg(TINY_CONFIG, HAND_OVERRIDES)
+    result = benchmark(cfg, flops=False, fps=True, compile_model=True, warmup=1, iterations=2)
+    assert result["compiled"] and result["fps"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_fps_in_bf16():
+    cfg = get_cfg(TINY_CONFIG, [*HAND_OVERRIDES, "task=semantic"])
+    result = benchmark(cfg, fps=True, device="cuda", image_size=(32, 64), warmup=2, iterations=5)
+    assert result["precision"] == "bf16 autocast" and result["device"] != "cpu"
+    assert result["crops_per_image"] == 2 and result["fps"] > 0 and result["peak_memory_mb"] > 0
