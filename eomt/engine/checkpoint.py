@@ -1,5 +1,6 @@
 """Checkpoints: written atomically, read without unpickling arbitrary objects."""
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -7,7 +8,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from eomt.config import cfg_from_dict, get_cfg
+from eomt.interop import (
+    apply_delta,
+    base_backbone_weights,
+    generic_categories,
+    infer_config,
+    is_delta,
+    to_ours,
+)
+from eomt.modeling import build_model
+from eomt.modeling.eomt import IMAGENET_MEAN, IMAGENET_STD
+
 LAST_CHECKPOINT = "last_checkpoint"  # file in the output dir naming the newest checkpoint
+HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
 def save_atomic(obj, path: str | Path) -> None:
@@ -50,6 +64,7 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint file as saved; never unpickles anything but tensors and plain containers."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -60,21 +75,133 @@ def read_checkpoint(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot be read as a weights-only checkpoint: {e}") from e
+        raise ValueError(
+            f"{path}: cannot be read as a weights-only checkpoint (only tensors and plain "
+            f"containers are unpickled; a file that needs more is refused): {e}"
+        ) from e
+
+
+def weights_file(path: str | Path) -> Path:
+    """`path`, or the weights file inside a Hugging Face model folder."""
+    path = Path(path)
+    if path.is_dir():
+        for name in HF_WEIGHT_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path}: a folder without {' or '.join(HF_WEIGHT_FILES)}")
+    return path
 
 
 def model_state_dict(checkpoint: dict) -> dict:
-    """The model's weights in a checkpoint: ours keep them under 'model'."""
-    return checkpoint["model"] if isinstance(checkpoint.get("model"), dict) else checkpoint
+    """The model's weights in a checkpoint: ours keep them under 'model', Lightning's under
+    'state_dict'; released weight files are the state dict itself."""
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> dict:
-    """Load model weights from `path`; report mismatches clearly.
+def read_weights(path: str | Path, base_weights: str | Path | None = None, backbone=None) -> dict:
+    """The model weights in a checkpoint of any supported layout (ours, the official release,
+    Hugging Face), renamed to ours; official DINOv3 deltas are added to `base_weights`."""
+    path = weights_file(path)
+    return _absolute(_ours(read_checkpoint(path), path), path, base_weights, backbone)
+
+
+def _ours(checkpoint: dict, path: Path) -> dict:
+    state = model_state_dict(checkpoint)
+    # HF models normalise images in their image processor, whose config may sit beside.
+    processor = _json_beside(path, "preprocessor_config.json")
+    return to_ours(
+        state,
+        str(path),
+        processor.get("image_mean", IMAGENET_MEAN),
+        processor.get("image_std", IMAGENET_STD),
+    )
+
+
+def _absolute(state: dict, path: Path, base_weights, backbone) -> dict:
+    if not is_delta(state):
+        return state
+    if not base_weights:
+        raise ValueError(
+            f"{path}: holds delta weights (the official DINOv3 release stores fine-tuned minus "
+            "DINOv3 weights); give the DINOv3 backbone weights file they were trained from "
+            "(base_weights=... / --base-weights: timm, transformers or Meta's release)"
+        )
+    base = base_backbone_weights(model_state_dict(read_checkpoint(base_weights)), backbone)
+    return apply_delta(state, base, str(path))
+
+
+def _json_beside(path: Path, name: str) -> dict:
+    file = path.with_name(name)
+    if not file.is_file():
+        return {}
+    with open(file) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON: {e}") from e
+
+
+def load_model(
+    path: str | Path,
+    base_weights: str | Path | None = None,
+    image_size: tuple[int, int] | None = None,
+    num_heads: int | None = None,
+):
+    """(model, cfg, categories) from a checkpoint alone.
+
+    Our checkpoints carry their config and class names. For official and Hugging Face weights
+    the architecture is inferred from key names and shapes (`eomt.interop.infer_config`); an HF
+    folder's config.json gives the input size, heads and class names. `image_size` and
+    `num_heads` override what cannot be read from DINOv3 weights (input size) or from shapes.
+    """
+    path = weights_file(path)
+    checkpoint = read_checkpoint(path)
+    state = _ours(checkpoint, path)
+    if isinstance(checkpoint.get("cfg"), dict):
+        cfg = cfg_from_dict(checkpoint["cfg"])
+        if image_size is not None:
+            cfg.input.image_size = list(image_size)
+        categories = checkpoint.get("categories")
+    else:
+        hf = _json_beside(path, "config.json")
+        if image_size is None and "image_size" in hf:
+            side = hf["image_size"]
+            image_size = tuple(side) if isinstance(side, list) else (side, side)
+        num_heads = num_heads or hf.get("num_attention_heads")
+        cfg = get_cfg(overrides=infer_config(state, image_size, num_heads))
+        id2label = hf.get("id2label")
+        names = [id2label[str(i)] for i in range(len(id2label))] if id2label else None
+        categories = generic_categories(cfg.model.num_classes, names)
+    model = build_model(cfg, backbone_weights=False)
+    load_state(model, _absolute(state, path, base_weights, model.backbone), True, str(path))
+    return model, cfg, categories or generic_categories(cfg.model.num_classes)
+
+
+def from_checkpoint(path: str | Path, base_weights: str | Path | None = None, **kwargs):
+    """The EoMT model of a checkpoint (ours, official or Hugging Face), built without a
+    config; see `load_model` for the keyword arguments."""
+    return load_model(path, base_weights, **kwargs)[0]
+
+
+def load_checkpoint(
+    model: nn.Module, path: str | Path, strict: bool = True, base_weights: str | Path | None = None
+) -> dict:
+    """Load model weights from `path` (ours, official `.bin`/`.ckpt`, Hugging Face
+    `.safetensors`/`.bin` or folder); report mismatches clearly, per group of keys.
 
     With `strict=False`, keys missing from the file or of another shape (say, a class head
     for another number of classes) keep their initialisation and are returned in the report.
+    `base_weights`: the DINOv3 backbone file that official DINOv3 deltas are relative to.
     """
-    state = model_state_dict(read_checkpoint(path))
+    state = read_weights(path, base_weights, getattr(model, "backbone", None))
+    return load_state(model, state, strict, str(path))
+
+
+def load_state(model: nn.Module, state: dict, strict: bool = True, source: str = "weights"):
+    """Load a state dict of our layout; the report and errors of `load_checkpoint`."""
     own = model.state_dict()
     wrong_shape = {
         k: (tuple(v.shape), tuple(own[k].shape))
@@ -87,17 +214,36 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
         "wrong_shape": wrong_shape,
     }
     if strict and any(report.values()):
-        lines = [f"{path}: does not match the model"]
-        for kind in ("missing", "unexpected"):
-            if report[kind]:
-                lines.append(f"  {kind} ({len(report[kind])}): {_summarise(report[kind])}")
-        for key, (theirs, ours) in wrong_shape.items():
-            lines.append(f"  wrong shape: {key}: file {theirs}, model {ours}")
-        lines.append("  (pass strict=False to load the matching part only)")
-        raise ValueError("\n".join(lines))
+        raise ValueError(
+            f"{source}: does not match the model\n"
+            + describe_mismatch(report)
+            + "\n  (pass strict=False to load the matching part only)"
+        )
     loadable = {k: v for k, v in state.items() if k in own and k not in wrong_shape}
     model.load_state_dict(loadable, strict=False)
     return report
+
+
+def key_group(key: str) -> str:
+    """The group a key is reported in: 'backbone.blocks', 'backbone.patch_embed', 'class_head'."""
+    parts = key.split(".")
+    if parts[0] == "backbone" and len(parts) > 2:
+        return f"backbone.{parts[1]}"
+    return parts[0]
+
+
+def describe_mismatch(report: dict, limit: int = 4) -> str:
+    """One line per group of keys and kind of mismatch, with counts and a few keys."""
+    lines = []
+    for kind in ("missing", "unexpected"):
+        groups: dict[str, list[str]] = {}
+        for key in report[kind]:
+            groups.setdefault(key_group(key), []).append(key)
+        for group, keys in groups.items():
+            lines.append(f"  {group}: {len(keys)} {kind}: {_summarise(keys, limit)}")
+    for key, (theirs, ours) in report["wrong_shape"].items():
+        lines.append(f"  {key_group(key)}: wrong shape: {key}: file {theirs}, model {ours}")
+    return "\n".join(lines)
 
 
 def _summarise(keys: list[str], limit: int = 8) -> str:
