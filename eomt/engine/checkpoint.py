@@ -6,6 +6,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from eomt.config import cfg_from_dict, get_cfg
@@ -69,9 +72,17 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if "cfg" not in metadata:
+            return state
+        # Ours (`save_weights`): the config and class names travel as JSON metadata.
+        return {
+            "model": state,
+            "cfg": json.loads(metadata["cfg"]),
+            "categories": json.loads(metadata.get("categories", "null")),
+        }
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -79,6 +90,21 @@ def read_checkpoint(path: str | Path) -> dict:
             f"{path}: cannot be read as a weights-only checkpoint (only tensors and plain "
             f"containers are unpickled; a file that needs more is refused): {e}"
         ) from e
+
+
+def save_weights(model: nn.Module, cfg, categories: list[dict] | None, path: str | Path) -> Path:
+    """The model's weights as safetensors (no pickle), with its config and class names as
+    metadata, so that `from_checkpoint` and the predictor need nothing else."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {
+        "format": "eomt",
+        "cfg": json.dumps(OmegaConf.to_container(cfg) if isinstance(cfg, DictConfig) else cfg),
+        "categories": json.dumps(categories),
+    }
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata=metadata)
+    return path
 
 
 def weights_file(path: str | Path) -> Path:
