@@ -21,6 +21,7 @@ from eomt.interop import (
     to_ours,
 )
 from eomt.modeling import build_model
+from tools.convert_checkpoint import convert, parse_args
 
 DIM, DEPTH, QUERIES, CLASSES, L2, SIZE = 64, 3, 6, 5, 2, 32
 DINOV2 = "vit_small_patch14_reg4_dinov2"
@@ -418,3 +419,25 @@ def test_hugging_face_round_trip_with_transformers(tmp_path, backbone):
     loaded, cfg, loaded_categories = load_model(tmp_path / "again")
     assert [c["name"] for c in loaded_categories] == [c["name"] for c in categories]
     assert_same_outputs(model, loaded.eval())
+
+
+# -- tools/convert_checkpoint.py -----------------------------------------------------------------
+
+
+def test_convert_tool_chain_returns_the_same_file(tmp_path, capsys):
+    model, cfg = tiny_model(DINOV3)
+    torch.save(official_state_dict(model, cfg.loss.no_object_weight), tmp_path / "official.bin")
+    size = ["--image-size", str(SIZE), str(SIZE)]  # DINOv3 weights do not hold it
+    steps = [
+        ("official.bin", "ours.safetensors", "ours"),
+        ("ours.safetensors", "hf", "hf"),
+        ("hf", "ours.pth", "ours"),
+        ("ours.pth", "back.bin", "official"),
+    ]
+    for source, target, kind in steps:
+        args = [str(tmp_path / source), str(tmp_path / target), "--to", kind, "--check", *size]
+        convert(parse_args(args))
+    printed = capsys.readouterr().out
+    assert printed.count("max |difference| 0") == 2 * len(steps), printed
+    assert_same_state(torch.load(tmp_path / "back.bin"), torch.load(tmp_path / "official.bin"))
+    assert_same_outputs(model, from_checkpoint(tmp_path / "ours.pth").eval())

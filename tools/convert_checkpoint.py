@@ -1,0 +1,96 @@
+"""Convert EoMT weights between this codebase, the official release and Hugging Face.
+
+    # official pytorch_model.bin (or Lightning .ckpt) -> ours, with config and class names inside
+    python tools/convert_checkpoint.py pytorch_model.bin eomt_coco.safetensors --to ours \\
+        --categories datasets/coco/annotations/panoptic_val2017.json
+    # official DINOv3 deltas + the DINOv3 weights they are relative to -> ours
+    python tools/convert_checkpoint.py delta.bin eomt.safetensors --to ours \\
+        --base-weights dinov3_vitl16.safetensors --image-size 640 640
+    # ours -> a transformers folder (EomtForUniversalSegmentation / EomtDinov3...)
+    python tools/convert_checkpoint.py output/run/model_final.pth hf_model --to hf
+    # Hugging Face folder -> ours; ours -> official
+    python tools/convert_checkpoint.py hf_model eomt.safetensors --to ours
+    python tools/convert_checkpoint.py eomt.safetensors pytorch_model.bin --to official
+
+The input may be any layout; `--check` reloads the output and prints the largest difference
+of its predictions from the input's, with masked attention on and off.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from eomt.engine.checkpoint import load_model, save_atomic, save_weights
+from eomt.interop import official_state_dict, save_hf
+from eomt.predictor import read_categories
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("input", help="checkpoint file or Hugging Face model folder")
+    parser.add_argument(
+        "output", help="file (ours: .safetensors or .pth; official: .bin) or folder (hf)"
+    )
+    parser.add_argument("--to", required=True, choices=("ours", "official", "hf"))
+    parser.add_argument("--base-weights", help="DINOv3 backbone file of official delta weights")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
+    parser.add_argument("--num-heads", type=int, help="attention heads, if not 64 channels each")
+    parser.add_argument(
+        "--categories", help="class names: ade20k, ade20k_panoptic, cityscapes or a COCO JSON"
+    )
+    parser.add_argument("--check", action="store_true", help="reload and compare predictions")
+    return parser.parse_args(argv)
+
+
+def convert(args) -> Path:
+    model, cfg, categories = load_model(
+        args.input, args.base_weights, args.image_size, args.num_heads
+    )
+    if args.categories:
+        categories = read_categories(args.categories)
+    output = Path(args.output)
+    if args.to == "ours":
+        if output.suffix == ".safetensors":
+            save_weights(model, cfg, categories, output)
+        else:
+            state = {"model": model.state_dict(), "cfg": OmegaConf.to_container(cfg)}
+            save_atomic({**state, "categories": categories}, output)
+    elif args.to == "official":
+        save_atomic(official_state_dict(model, cfg.loss.no_object_weight), output)
+    else:
+        save_hf(model, categories, output, cfg.loss.no_object_weight)
+    if args.check:
+        image_size = tuple(cfg.input.image_size)
+        converted = load_model(output, image_size=image_size)[0]
+        for masked in (True, False):
+            difference = max_difference(model, converted, image_size, masked)
+            print(
+                f"masked attention {'on ' if masked else 'off'}: max |difference| {difference:.3g}"
+            )
+    return output
+
+
+@torch.no_grad()
+def max_difference(model, other, image_size, masked: bool, seed: int = 0) -> float:
+    """Largest difference between the two models' predictions (every block's while masked
+    attention is on) on random images."""
+    images = torch.rand(2, 3, *image_size, generator=torch.Generator().manual_seed(seed))
+    outputs = []
+    for m in (model, other):
+        m.eval()
+        m.masked_attn = "always" if masked else "anneal"
+        m.attn_mask_probs.fill_(1.0)
+        outputs.append(m(images))
+    return max(
+        (a[key] - b[key]).abs().max().item()
+        for a, b in zip(*outputs)
+        for key in ("mask_logits", "class_logits")
+    )
+
+
+if __name__ == "__main__":
+    print(f"wrote {convert(parse_args())}")
