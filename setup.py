@@ -20,5 +20,5 @@ setup(
         "safetensors",
         "fvcore",
     ],
-    extras_require={"wandb": ["wandb"]},
+    extras_require={"wandb": ["wandb"], "onnx": ["onnx", "onnxruntime"]},
 )

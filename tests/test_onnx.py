@@ -1,0 +1,46 @@
+"""ONNX export of the inference graph, checked with onnxruntime against PyTorch."""
+
+import numpy as np
+import pytest
+import torch
+
+from eomt.engine.checkpoint import save_weights
+from tests.test_interop import CLASSES, DINOV2, DINOV3, QUERIES, SIZE, tiny_model
+from tools.export_onnx import InferenceGraph, check, check_inputs, export, main, parse_args
+
+onnxruntime = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+TOLERANCE = 1e-4  # float32 logits of order 1-10; observed differences are about 1e-6
+
+
+@pytest.mark.parametrize("backbone", [DINOV2, DINOV3])
+def test_exported_graph_matches_pytorch(tmp_path, backbone):
+    model, _ = tiny_model(backbone)
+    path = export(model, tmp_path / "eomt.onnx", (SIZE, SIZE))
+    differences = check(model, path, check_inputs((SIZE, SIZE)))
+    assert set(differences) == {"random", "real-looking"}
+    assert max(differences.values()) < TOLERANCE
+    # The batch dimension is dynamic, and the graph is the unmasked final prediction.
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = torch.rand(3, 3, SIZE, SIZE)
+    mask_logits, class_logits = session.run(None, {"images": images.numpy()})
+    assert mask_logits.shape == (3, QUERIES, SIZE // 4, SIZE // 4)
+    assert class_logits.shape == (3, QUERIES, CLASSES + 1)
+    model.masked_attn = "anneal"
+    with torch.no_grad():
+        expected = model(images)[-1]["class_logits"].numpy()
+    assert np.abs(class_logits - expected).max() < TOLERANCE
+
+
+def test_export_tool_from_a_checkpoint(tmp_path, capsys):
+    model, cfg = tiny_model()
+    save_weights(model, cfg, None, tmp_path / "model.safetensors")
+    args = ["--weights", str(tmp_path / "model.safetensors"), "--output", str(tmp_path / "m.onnx")]
+    differences = main(parse_args(args))
+    assert max(differences.values()) < 1e-3
+    assert (tmp_path / "m.onnx").is_file()
+    assert "real-looking: max |onnxruntime - PyTorch|" in capsys.readouterr().out
+    # Masked attention is off in the graph whatever the model's mode.
+    graph = InferenceGraph(model)
+    assert graph.model.masked_attn == "never" and not graph.model.training
