@@ -12,6 +12,7 @@ from eomt import from_checkpoint, load_checkpoint
 from eomt.config import get_cfg
 from eomt.engine.checkpoint import load_model
 from eomt.interop import (
+    base_backbone_weights,
     hf_to_ours,
     infer_config,
     official_state_dict,
@@ -288,6 +289,23 @@ def test_official_dinov3_deltas_need_and_use_the_base_weights(tmp_path):
         target, tmp_path / "delta.bin", base_weights=tmp_path / "dinov3_timm.safetensors"
     )
     assert_same_state(target.state_dict(), loaded.state_dict())
+
+
+def test_base_weights_in_meta_dinov3_layout():
+    model, _ = tiny_model(DINOV3)
+    timm_state = {k[9:]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    # Meta's release: storage tokens, fused qkv bias with a zero key part, ls1/ls2, rope periods.
+    meta = {"mask_token": torch.zeros(1, DIM), "rope_embed.periods": torch.ones(8)}
+    for key, value in timm_state.items():
+        if key.endswith("attn.q_bias"):
+            attn = key[: -len("q_bias")]
+            v_bias = timm_state[attn + "v_bias"]
+            meta[attn + "qkv.bias"] = torch.cat([value, torch.zeros_like(value), v_bias])
+            meta[attn + "qkv.bias_mask"] = torch.ones(3 * DIM)
+        elif not key.endswith("attn.v_bias"):
+            name = "storage_tokens" if key == "reg_token" else key
+            meta[name.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")] = value
+    assert_same_state(base_backbone_weights(meta, model.backbone), timm_state)
 
 
 # -- partial loading, reports, safety ------------------------------------------------------------
