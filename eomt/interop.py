@@ -43,6 +43,7 @@ HF_HEAD_RENAMES = (
     ("mask_head.fc3.", "mask_head.4."),
     ("layernorm.", "backbone.norm."),
     ("attn_mask_probs", "attn_mask_probs"),
+    ("upscale_block.block.", "upscale."),
 )
 # Keys that hold no weights of the model: the loss's class weights and fixed rotary tables.
 IGNORED_KEYS = ("criterion.empty_weight", "embeddings.mask_token")
@@ -169,11 +170,10 @@ def hf_to_ours(state: dict, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD) ->
     out = {"backbone." + k: v for k, v in backbone.items()}
     for key, value in state.items():
         if key not in body:
-            out[_rename(key, HF_HEAD_RENAMES + (("upscale_block.block.", "upscale."),))] = value
-    out = {
-        k.replace(".layernorm2d.", ".norm.") if k.startswith("upscale.") else k: v
-        for k, v in out.items()
-    }
+            key = _rename(key, HF_HEAD_RENAMES)
+            if key.startswith("upscale."):  # the ScaleBlock's LayerNorm2d
+                key = key.replace(".layernorm2d.", ".norm.")
+            out[key] = value
     out["pixel_mean"] = torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1)
     out["pixel_std"] = torch.tensor(pixel_std, dtype=torch.float32).view(1, 3, 1, 1)
     return out
@@ -193,11 +193,8 @@ def ours_to_hf(state: dict) -> dict:
         if key.startswith("backbone.") or key in ("pixel_mean", "pixel_std"):
             continue
         if key.startswith("upscale."):
-            out[
-                "upscale_block.block." + key[len("upscale.") :].replace(".norm.", ".layernorm2d.")
-            ] = value
-        else:
-            out[_rename(key, inverse)] = value
+            key = key.replace(".norm.", ".layernorm2d.")
+        out[_rename(key, inverse)] = value
     return out
 
 
@@ -243,19 +240,17 @@ def hf_config(model, categories: list[dict]) -> dict:
             rope_parameters={"rope_type": "default", "rope_theta": 100.0},
         )
     else:
+        fc1_rows = state["blocks.0.mlp.fc1.weight"].shape[0]
         swiglu = _vit_mlp_is_gated(state)
-        mlp_ratio = 4 if swiglu else state["blocks.0.mlp.fc1.weight"].shape[0] // vit.embed_dim
+        # HF derives the SwiGLU width from mlp_ratio 4; DINOv2-g's packed fc1 holds both halves.
+        if swiglu and 2 * _hf_swiglu_hidden(vit.embed_dim, 4) != fc1_rows:
+            raise ValueError("this SwiGLU hidden size has no Hugging Face EoMT equivalent")
         config.update(
             model_type="eomt",
             architectures=["EomtForUniversalSegmentation"],
             use_swiglu_ffn=swiglu,
-            mlp_ratio=mlp_ratio,
+            mlp_ratio=4 if swiglu else fc1_rows // vit.embed_dim,
         )
-        if (
-            swiglu
-            and _hf_swiglu_hidden(vit.embed_dim, 4) * 2 != state["blocks.0.mlp.fc1.weight"].shape[0]
-        ):
-            raise ValueError("this SwiGLU hidden size has no Hugging Face EoMT equivalent")
     return config
 
 
