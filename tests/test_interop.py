@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 from safetensors.torch import save_file
+from timm.layers import resample_abs_pos_embed
 
 from eomt import from_checkpoint, load_checkpoint
 from eomt.config import get_cfg
@@ -168,6 +169,18 @@ def test_official_dinov2_file_loads_without_config(tmp_path):
         assert_same_outputs(model, loaded.eval())
     expected = {k: v for k, v in state.items() if k != "criterion.empty_weight"}
     assert_same_state(ours_to_official(model.state_dict()), expected)
+
+
+def test_position_embeddings_are_resampled_to_another_input_size(tmp_path):
+    model, _ = tiny_model()
+    torch.save(official_state_dict(model), tmp_path / "pytorch_model.bin")
+    larger, cfg, _ = load_model(tmp_path / "pytorch_model.bin", image_size=(2 * SIZE, 3 * SIZE))
+    assert list(cfg.input.image_size) == [2 * SIZE, 3 * SIZE]
+    expected = resample_abs_pos_embed(model.backbone.pos_embed, [4, 6], num_prefix_tokens=0)
+    assert torch.equal(larger.backbone.pos_embed, expected)
+    with torch.no_grad():
+        output = larger.eval()(torch.rand(1, 3, 2 * SIZE, 3 * SIZE))[-1]
+    assert output["mask_logits"].shape == (1, QUERIES, SIZE // 2, 3 * SIZE // 4)
 
 
 def test_official_dinov3_file_matches_hand_fused_weights(tmp_path):

@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from eomt.config import cfg_from_dict, get_cfg
@@ -181,7 +182,8 @@ def load_model(
     Our checkpoints carry their config and class names. For official and Hugging Face weights
     the architecture is inferred from key names and shapes (`eomt.interop.infer_config`); an HF
     folder's config.json gives the input size, heads and class names. `image_size` and
-    `num_heads` override what cannot be read from DINOv3 weights (input size) or from shapes.
+    `num_heads` override what cannot be read from DINOv3 weights (input size) or from shapes;
+    learned position embeddings of another input size are resampled to `image_size`.
     """
     path = weights_file(path)
     checkpoint = read_checkpoint(path)
@@ -202,8 +204,21 @@ def load_model(
         names = [id2label[str(i)] for i in range(len(id2label))] if id2label else None
         categories = generic_categories(cfg.model.num_classes, names)
     model = build_model(cfg, backbone_weights=False)
-    load_state(model, _absolute(state, path, base_weights, model.backbone), True, str(path))
+    state = _fit_pos_embed(_absolute(state, path, base_weights, model.backbone), model.backbone)
+    load_state(model, state, True, str(path))
     return model, cfg, categories or generic_categories(cfg.model.num_classes)
+
+
+def _fit_pos_embed(state: dict, vit) -> dict:
+    """Position embeddings of another input size resampled to the model's grid (bicubic)."""
+    pos_embed = state.get("backbone.pos_embed")
+    if pos_embed is None or pos_embed.shape == vit.pos_embed.shape:
+        return state
+    prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+    resized = resample_abs_pos_embed(
+        pos_embed, new_size=list(vit.patch_embed.grid_size), num_prefix_tokens=prefix
+    )
+    return {**state, "backbone.pos_embed": resized}
 
 
 def from_checkpoint(path: str | Path, base_weights: str | Path | None = None, **kwargs):
