@@ -13,6 +13,41 @@ from omegaconf import DictConfig, OmegaConf
 DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 # Keys whose value is a free-form mapping (passed through to another library).
 FREE_FORM_KEYS = {"model.backbone_kwargs"}
+# Values a key may take, beyond its type: the choices of a string (or of each item of a list),
+# and the least value of a number (or of each item of a list of numbers).
+CHOICES = {
+    "task": ("panoptic", "semantic", "instance"),
+    "model.name": ("eomt", "m2f"),
+    "model.masked_attn": ("anneal", "always", "never"),
+    "m2f.adapter": ("vit_adapter", "simple_pyramid"),
+    "m2f.pixel_decoder": ("msdeform", "none"),
+    "dataset.bad_samples": ("stop", "skip"),
+    "solver.amp": ("bf16", "fp16", "none"),
+    "solver.nonfinite_loss": ("stop", "skip"),
+    "test.metrics": ("panoptic", "semantic", "instance"),
+}
+MINIMUM = {
+    "model.num_classes": 0,  # 0: the dataset's number of classes
+    "model.num_queries": 1,
+    "model.num_query_blocks": 1,
+    "model.patch_size": 1,
+    "input.image_size": 1,
+    "dataset.label_offset": 0,
+    "loss.num_points": 1,
+    "solver.max_iter": 1,
+    "solver.batch_size": 1,
+    "solver.batch_size_per_device": 1,
+    "solver.warmup_iters": 0,
+    "solver.max_skipped_steps": 0,
+    "test.eval_period": 0,
+    "test.topk": 1,
+    "test.batch_size": 1,
+    "test.num_vis": 0,
+    "test.pq_workers": 0,
+    "dataloader.num_workers": 0,
+    "checkpoint_period": 1,
+    "log_period": 1,
+}
 
 
 class ConfigError(ValueError):
@@ -61,6 +96,22 @@ def _coerce(key: str, value, default, source: str):
     )
 
 
+def _check_value(key: str, value, source: str) -> None:
+    """Raise naming key and source if `value` is outside the key's CHOICES or MINIMUM."""
+    items = value if isinstance(value, list) else [value]
+    if key in CHOICES:
+        wrong = [item for item in items if item not in CHOICES[key]]
+        if wrong:
+            raise ConfigError(
+                f"{source}: key '{key}' must be one of {', '.join(CHOICES[key])}; got {wrong[0]!r}"
+            )
+    if key in MINIMUM:
+        least = MINIMUM[key]
+        wrong = [item for item in items if not isinstance(item, (int, float)) or item < least]
+        if wrong:
+            raise ConfigError(f"{source}: key '{key}' must be at least {least}; got {value!r}")
+
+
 def _check_key(key: str, valid: dict, source: str) -> None:
     if key not in valid:
         close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.6)
@@ -94,6 +145,7 @@ def _load_file(path: Path, valid: dict, seen: tuple = ()) -> dict:
     for key, value in _flatten(data).items():
         _check_key(key, valid, str(path))
         values[key] = _coerce(key, value, valid[key], str(path))
+        _check_value(key, values[key], str(path))
     return values
 
 
@@ -132,6 +184,7 @@ def get_cfg(
     for key, value in items:
         _check_key(key, valid, "override")
         values[key] = _coerce(key, value, valid[key], "override")
+        _check_value(key, values[key], "override")
     cfg = OmegaConf.create(_unflatten(values))
     OmegaConf.set_struct(cfg, True)
     return cfg
