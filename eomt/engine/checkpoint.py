@@ -2,12 +2,14 @@
 
 import json
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
@@ -30,19 +32,44 @@ HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 def save_atomic(obj, path: str | Path) -> None:
     """torch.save to a temporary file beside `path`, flushed to disk, then renamed over it:
-    a reader sees the old file or the complete new one, never a partial one."""
+    a reader sees the old file or the complete new one, never a partial one. A write that
+    fails (a full disk) raises its OSError, which torch's writer would turn into an opaque
+    RuntimeError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _WriteErrorKeeper(f)
+            try:
+                torch.save(obj, writer)
+            except RuntimeError as error:
+                if writer.error is None:
+                    raise
+                raise writer.error from error
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class _WriteErrorKeeper:
+    """A file for torch.save that keeps the OSError of a failed write."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 def save_training_state(output_dir: str | Path, iteration: int, state: dict) -> Path:
@@ -79,9 +106,7 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+        state, metadata = _read_safetensors(path)
         if "cfg" not in metadata:
             return state
         # Ours (`save_weights`): the config and class names travel as JSON metadata.
@@ -92,11 +117,46 @@ def read_checkpoint(path: str | Path) -> dict:
         }
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise ValueError(f"{path}: {NOT_A_CHECKPOINT} ({_last_line(e)})") from e
         raise ValueError(
-            f"{path}: cannot be read as a weights-only checkpoint (only tensors and plain "
-            f"containers are unpickled; a file that needs more is refused): {e}"
+            f"{path}: refused: it holds objects other than tensors and plain containers, and "
+            f"only those are unpickled (anything else could run code): {_unpickler_reason(e)}"
         ) from e
+    except Exception as e:  # what torch raises for a damaged file varies (zip, EOF, key errors)
+        raise ValueError(f"{path}: {NOT_A_CHECKPOINT} ({_describe_read_error(path, e)})") from e
+
+
+NOT_A_CHECKPOINT = "truncated or not a checkpoint"
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    try:
+        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            return state, f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: {NOT_A_CHECKPOINT} ({_describe_read_error(path, e)})") from e
+
+
+def _describe_read_error(path: Path, error: Exception) -> str:
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    return f"{size} bytes; {type(error).__name__}: {_last_line(error) or 'no details'}"
+
+
+def _unpickler_reason(error: Exception) -> str:
+    """What torch's weights-only unpickler found, from its long message."""
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. |\n|$)", str(error))
+    return found.group(1) if found else _last_line(error)
+
+
+def _last_line(error: Exception) -> str:
+    """The informative end of a long library message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 def save_weights(model: nn.Module, cfg, categories: list[dict] | None, path: str | Path) -> Path:
