@@ -261,7 +261,7 @@ def evaluation_run(cfg, every: int = 50, python: bool = False) -> dict:
     """Memory while `evaluate` computes the metric of `cfg.task` over the val split."""
     task = cfg.task
     model = random_model(cfg)
-    dataset = build_dataset(cfg, cfg.dataset.test_split, train=False)
+    dataset = build_dataset(cfg, train=False)
     trace, count, evaluators = MemoryTrace(every, python), PredictionCount(task), {}
     loader = _SampledLoader(build_test_loader(cfg, dataset), trace)
     start = time.perf_counter()
@@ -286,7 +286,7 @@ def prediction_run(
     """Memory while `write_predictions` writes `cfg.task` results for the images of
     `image_dir` (with overlay pictures by default, as tools/predict.py)."""
     task = cfg.task
-    categories = build_dataset(cfg, cfg.dataset.test_split, train=False).categories
+    categories = build_dataset(cfg, train=False).categories
     predictor = Predictor(random_model(cfg), cfg, categories, device="cpu")
     paths = find_images(image_dir)
     trace, count = MemoryTrace(every, python), PredictionCount(task)

@@ -223,7 +223,7 @@ def test_missing_label_png_stops_at_build_or_is_skipped(copy_of, name):
 def test_missing_folder_or_json_always_stops(copy_of):
     root, case = copy_of("coco_panoptic")
     (root / case.json).unlink()
-    with pytest.raises(FileNotFoundError, match="panoptic_json of split 'val' not found"):
+    with pytest.raises(FileNotFoundError, match="annotations of split 'val' not found"):
         _build("coco_panoptic", root, "skip")
     (root / case.json).write_text("{not json")
     with pytest.raises(ValueError, match=r"panoptic_val2017\.json: not valid JSON"):
@@ -528,7 +528,7 @@ def test_evaluation_leaves_bad_images_out_and_counts_them(copy_of, workers):
     root, _ = copy_of("synthetic_panoptic")
     bad = _break_first_image(root)
     cfg = _cfg(root, "skip", workers)
-    dataset = build_dataset(cfg, "val", train=False)
+    dataset = build_dataset(cfg, train=False)
     loader = build_test_loader(cfg, dataset)
     assert isinstance(loader.dataset, SkipBadSamples) and loader.dataset.categories
     with pytest.warns(BadSampleWarning, match="000001.jpg"):
@@ -540,14 +540,18 @@ def test_evaluation_leaves_bad_images_out_and_counts_them(copy_of, workers):
     assert len(loader.skipped) == 1
 
     stop = _cfg(root, "stop", workers)
-    loader = build_test_loader(stop, build_dataset(stop, "val", train=False))
+    loader = build_test_loader(stop, build_dataset(stop, train=False))
     _raises(lambda: list(loader), bad, "truncated")
 
 
 def test_bad_samples_policy_is_checked(copy_of):
     root, _ = copy_of("synthetic_panoptic")
+    with pytest.raises(ConfigError, match=r"'dataset.bad_samples' must be one of stop, skip"):
+        _cfg(root, "skipp")
+    cfg = _cfg(root, "stop")
+    cfg.dataset.bad_samples = "skipp"  # set after the config was checked
     with pytest.raises(ValueError, match=r"dataset.bad_samples must be one of.*'skipp'"):
-        build_dataset(_cfg(root, "skipp"), "val", train=False)
+        build_dataset(cfg, train=False)
     with pytest.raises(ConfigError, match=r"'dataset.bad_sample'.*dataset.bad_samples"):
         get_cfg(overrides=["dataset.bad_sample=skip"])
     with pytest.raises(ConfigError, match=r"'dataset.bad_samples' expects str"):
@@ -577,7 +581,7 @@ def test_file_name_escaping_its_folder_is_refused_whatever_the_policy(copy_of, t
 def test_checkpoint_of_another_architecture_or_classes_names_the_file(tmp_path):
     model, _ = tiny_model()
     for name, other, expected in (
-        ("classes.pth", tiny_model(classes=9)[0], "class_head: wrong shape"),
+        ("classes.pth", tiny_model(classes=9)[0], "class_head: 2 wrong shape"),
         ("dinov3.pth", tiny_model(backbone=DINOV3)[0], "missing"),
     ):
         torch.save(other.state_dict(), tmp_path / name)

@@ -501,7 +501,7 @@ def test_ade20k_semantic_ignores_zero_and_names_150_classes(ade20k_roots):
     (folders / "zero").mkdir()
     (folders / "zero/ADE_val_00000001.png").write_bytes(_png(labels))
     zero = DATASET_LAYOUTS["ade20k_semantic"].build(
-        {"images": dataset.image_dir, "semantic_pngs": resolve_path(folders / "zero")}, None
+        {"images": dataset.image_dir, "masks": resolve_path(folders / "zero")}, None
     )
     assert zero.read_label_map(0)[0, 0] == 255 and zero.read_label_map(0)[0, 1] == 0
 
@@ -599,7 +599,7 @@ def test_check_command_reports_found_and_missing(coco_roots, ade20k_roots, tmp_p
     )
     assert check("coco_panoptic", str(tmp_path / "coco"), "--splits", "val") == 1
     out = capsys.readouterr().out
-    assert "MISSING panoptic_pngs: none of" in out and "coco/panoptic_val2017," in out
+    assert "MISSING masks: none of" in out and "coco/panoptic_val2017," in out
 
     # A PNG folder that lacks one of the files the JSON lists.
     (tmp_path / "coco/annotations/panoptic_val2017").mkdir()

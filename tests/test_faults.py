@@ -151,17 +151,41 @@ def test_too_little_disk_fails_before_training(tiny_cfg, monkeypatch):
     assert trainer.iteration == 0 and not checkpoints_newest_first(trainer.output_dir)
 
 
+class FullDisk:
+    """A file that takes `room` bytes, then fails as a full disk does."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            self.file.write(bytes(data[: self.room]))
+            self.room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
 def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_cfg, monkeypatch):
     trainer = Trainer(tiny_cfg())  # checkpoints at iterations 3 and 6
-    real_save = torch.save
+    fdopen = os.fdopen
 
-    def save_then_fill_the_disk(obj, f):
-        if obj["iteration"] == 6:
-            f.write(b"half a checkpoint")
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_save(obj, f)
+    def disk_fills_at_iteration_6(fd, *args, **kwargs):
+        file = fdopen(fd, *args, **kwargs)
+        if "model_0000006" in os.readlink(f"/proc/self/fd/{fd}"):
+            return FullDisk(file, room=1000)  # torch's writer swallows the OSError
+        return file
 
-    monkeypatch.setattr(checkpoint_module.torch, "save", save_then_fill_the_disk)
+    monkeypatch.setattr(checkpoint_module.os, "fdopen", disk_fills_at_iteration_6)
     message = (
         r"could not write the checkpoint of iteration 6 to .*run \(No space left on device\); "
         r"model_0000003.pth is intact"
@@ -222,7 +246,13 @@ def test_nonfinite_loss_skipped_when_configured(tiny_cfg, tmp_path):
     assert read_checkpoint(trainer.output_dir / "model_0000006.pth")["skipped_steps"] == 2
 
     # One more than allowed stops the run.
-    trainer = Trainer(tiny_cfg("solver.nonfinite_loss=skip", "solver.max_skipped_steps=1"))
+    trainer = Trainer(
+        tiny_cfg(
+            "solver.nonfinite_loss=skip",
+            "solver.max_skipped_steps=1",
+            f"output_dir={tmp_path / 'stopped'}",
+        )
+    )
     poison(trainer, {2, 3})
     with pytest.warns(UserWarning), pytest.raises(FloatingPointError, match="iteration 4"):
         trainer.train()

@@ -331,7 +331,7 @@ def test_new_class_head_loads_partially_and_strict_names_the_group(tmp_path):
     head_before = target.class_head.weight.detach().clone()
     with pytest.raises(ValueError) as error:
         load_checkpoint(target, tmp_path / "pytorch_model.bin")
-    assert "class_head: wrong shape: class_head.weight: file (10, 64), model (6, 64)" in str(
+    assert "class_head: 2 wrong shape: class_head.weight: file (10, 64), model (6, 64); " in str(
         error.value
     )
     report = load_checkpoint(target, tmp_path / "pytorch_model.bin", strict=False)

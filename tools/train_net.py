@@ -23,9 +23,14 @@ def parse_args(argv=None):
     parser.add_argument(
         "--eval-only",
         action="store_true",
-        help="evaluate (model.weights or, with --resume, the last checkpoint)",
+        help="evaluate model.weights or, with --resume, the last checkpoint "
+        "(model.weights=random: the initialised model, on purpose)",
     )
-    parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last readable checkpoint of output_dir (none: from iteration 0)",
+    )
     parser.add_argument(
         "--num-gpus", type=int, default=1, help="processes on this machine (one per GPU)"
     )
@@ -36,12 +41,12 @@ def parse_args(argv=None):
 def main(args) -> None:
     cfg = get_cfg(args.config_file, args.overrides)
     trainer = Trainer(cfg)
+    if args.eval_only:
+        trainer.eval_only(resume=args.resume)
+        return
     if args.resume:
         trainer.resume()
-    if args.eval_only:
-        trainer.test()
-    else:
-        trainer.train()
+    trainer.train()
 
 
 if __name__ == "__main__":

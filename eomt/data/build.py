@@ -15,6 +15,7 @@ image is left out, and the loader's `skipped` lists them.
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset, Sampler
 
 from eomt.data.bad_samples import (
@@ -24,14 +25,19 @@ from eomt.data.bad_samples import (
     SkipBadSamples,
     check_policy,
 )
-from eomt.data.layouts import DATASET_LAYOUTS
+from eomt.data.files import DataPath, resolve_path
+from eomt.data.layouts import DATASET_LAYOUTS, check_dataset
 from eomt.data.transforms import TrainTransforms
 
 
-def build_dataset(cfg, split: str, train: bool) -> Dataset:
-    name = cfg.dataset.name
-    if name not in DATASET_LAYOUTS:
-        raise ValueError(f"dataset.name '{name}' is not one of {sorted(DATASET_LAYOUTS)}")
+def build_dataset(cfg, train: bool) -> Dataset:
+    """The training split (augmented) or the evaluation split of the config's dataset: the
+    layout `dataset.name` under `dataset.root`, with the files set in `dataset.train` or
+    `dataset.test` (and `dataset.classes`) used instead of the layout's own places."""
+    d = cfg.dataset
+    if d.name not in DATASET_LAYOUTS:
+        raise ValueError(f"dataset.name '{d.name}' is not one of {sorted(DATASET_LAYOUTS)}")
+    layout = DATASET_LAYOUTS[d.name]
     transforms = None
     if train:
         transforms = TrainTransforms(
@@ -39,8 +45,53 @@ def build_dataset(cfg, split: str, train: bool) -> Dataset:
             scale_range=tuple(cfg.input.scale_range),
             color_jitter=cfg.input.color_jitter,
         )
-    policy = check_policy(cfg.dataset.bad_samples)
-    return DATASET_LAYOUTS[name](Path(cfg.dataset.root), split, transforms, policy)
+    split = d.train_split if train else d.test_split
+    options = {key: d[key] for key in layout.options}
+    given = own_files(cfg, train)
+    return layout(Path(d.root), split, transforms, check_policy(d.bad_samples), given, **options)
+
+
+def own_files(cfg, train: bool) -> dict[str, DataPath]:
+    """The pieces of a split given in the config, each checked to exist; errors name the key."""
+    d = cfg.dataset
+    layout = DATASET_LAYOUTS[d.name]
+    section = "train" if train else "test"
+    keys = {f"dataset.{section}.{piece}": piece for piece in d[section]}
+    keys["dataset.classes"] = "classes"
+    given = {}
+    for key, piece in keys.items():
+        value = OmegaConf.select(cfg, key)
+        if not value:
+            if layout.places is None and piece in layout.pieces:
+                needed = ", ".join(k for k, p in keys.items() if p in layout.pieces)
+                raise ValueError(
+                    f"{key} is not set: dataset.name {d.name} reads your own files ({needed})"
+                )
+            continue
+        if piece not in layout.pieces:
+            raise ValueError(
+                f"{key}: dataset.name {d.name} reads no {piece} (it reads "
+                f"{', '.join(layout.pieces)})"
+            )
+        path = resolve_path(Path(d.root) / value)
+        if not path.exists():
+            raise FileNotFoundError(f"{key}: {path} not found")
+        given[piece] = path
+    return given
+
+
+def check_config_dataset(cfg, num_samples: int = 2, report=print) -> bool:
+    """`check_dataset` for the training and evaluation splits of a config, own files included."""
+    d = cfg.dataset
+    given = {}
+    for train in (True, False):
+        try:
+            given[d.train_split if train else d.test_split] = own_files(cfg, train)
+        except (FileNotFoundError, ValueError) as error:
+            report(f"FAILED: {error}")
+            return False
+    options = {key: d[key] for key in DATASET_LAYOUTS[d.name].options}
+    return check_dataset(d.name, d.root, tuple(given), num_samples, report, given, options)
 
 
 class SeededStream(Dataset):
@@ -120,7 +171,7 @@ def build_train_loader(
     entry per replacement, as seen by this process.
     """
     dataset = SeededStream(
-        build_dataset(cfg, cfg.dataset.train_split, train=True),
+        build_dataset(cfg, train=True),
         cfg.seed,
         cfg.dataset.bad_samples,
     )

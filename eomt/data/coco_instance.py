@@ -64,6 +64,7 @@ class COCOInstanceDataset(Dataset):
         self.image_dir = resolve_path(image_dir)
         self.json_file = resolve_path(json_file)
         self.transforms = transforms
+        self.categories_source = str(self.json_file)
         content = load_json(self.json_file)
         require_keys(content, ("images", "annotations", "categories"), str(self.json_file))
         for image in content["images"]:

@@ -92,6 +92,7 @@ class COCOPanopticDataset(Dataset):
         self.json_file = resolve_path(json_file)
         self.png_dir = resolve_path(png_dir)
         self.transforms = transforms
+        self.categories_source = str(self.json_file)
         content = load_json(self.json_file)
         require_keys(content, ("images", "annotations", "categories"), str(self.json_file))
 

@@ -17,6 +17,9 @@ from torchvision.transforms.v2 import functional as F
 from eomt.data.bad_samples import BadSampleError, MissingSampleFileError
 from eomt.data.files import DataPath, resolve_path
 
+# File name endings of the images a folder is searched for (compared in lower case).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
 
 def open_image_file(
     path: "str | Path | DataPath", what: str = "Image file", load: bool = True

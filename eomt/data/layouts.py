@@ -17,10 +17,12 @@ from eomt.data.categories import (
     ade20k_categories,
     cityscapes_categories,
     cityscapes_label_lut,
+    distinct_color,
 )
 from eomt.data.coco_instance import COCOInstanceDataset
 from eomt.data.coco_panoptic import COCOPanopticDataset
 from eomt.data.files import DataPath, find_first
+from eomt.data.images import IMAGE_SUFFIXES
 from eomt.data.semantic import SemanticDataset
 from eomt.data.synthetic import SYNTHETIC_CATEGORIES, synthetic_split_paths
 
@@ -31,20 +33,41 @@ ADE20K_FOLDER = "ADEChallengeData2016"
 ADE20K_SPLIT_FOLDERS = {"train": "training", "val": "validation"}
 
 
+PIECES = ("images", "annotations", "masks", "classes")
+
+
 @dataclass(frozen=True)
 class Layout:
-    """pieces(split) -> {piece: candidate paths relative to the root, first found wins};
-    build({piece: DataPath}, transforms, bad_samples="stop") -> the dataset (bad_samples: the
-    policy of eomt.data.bad_samples). full_sizes: images per official split."""
+    """The pieces of one dataset format and where they lie under a root.
 
-    pieces: Callable[[str], dict[str, tuple[str, ...]]]
+    pieces: the files the format reads, of PIECES: images (a folder), annotations (a COCO
+    JSON), masks (a folder of panoptic segment-id PNGs or semantic label PNGs), classes (a
+    class list). places(split) -> {piece: candidate paths relative to the root, first found
+    wins}; None for a format without a place of its own (every piece is given). build({piece:
+    DataPath}, transforms, bad_samples="stop", **options) -> the dataset (bad_samples: the
+    policy of eomt.data.bad_samples; options: the cfg.dataset keys named in `options`).
+    full_sizes: images per official split."""
+
+    pieces: tuple[str, ...]
+    places: Callable[[str], dict[str, tuple[str, ...]]] | None
     build: Callable[..., Dataset]
     full_sizes: dict[str, int] = field(default_factory=dict)
     hint: str = ""
+    options: tuple[str, ...] = ()
 
-    def locate(self, root: str | Path, split: str) -> dict[str, DataPath]:
+    def locate(
+        self, root: str | Path, split: str, given: dict[str, DataPath] | None = None
+    ) -> dict[str, DataPath]:
+        """Each piece: the path in `given`, else the first of the layout's places under the
+        root that exists."""
         found = {}
-        for piece, candidates in self.pieces(split).items():
+        for piece in self.pieces:
+            if given and piece in given:
+                found[piece] = given[piece]
+                continue
+            if self.places is None:
+                raise ValueError(f"{piece} of split '{split}' not given")
+            candidates = self.places(split)[piece]
             path = find_first(root, candidates)
             if path is None:
                 raise FileNotFoundError(
@@ -61,8 +84,10 @@ class Layout:
         split: str,
         transforms: Callable | None,
         bad_samples: str = "stop",
+        given: dict[str, DataPath] | None = None,
+        **options,
     ) -> Dataset:
-        return self.build(self.locate(root, split), transforms, bad_samples)
+        return self.build(self.locate(root, split, given), transforms, bad_samples, **options)
 
 
 def _official_split(split: str) -> str:
@@ -71,36 +96,43 @@ def _official_split(split: str) -> str:
     return split
 
 
-def _synthetic_pieces(split: str) -> dict[str, tuple[str, ...]]:
-    paths = synthetic_split_paths("", split)
-    return {
-        "images": (str(paths["image_dir"]),),
-        "panoptic_json": (str(paths["panoptic_json"]),),
-        "panoptic_pngs": (str(paths["panoptic_png_dir"]),),
-        "instance_json": (str(paths["instance_json"]),),
-        "semantic_pngs": (str(paths["semantic_dir"]),),
-    }
+def _synthetic_places(kind: str) -> Callable[[str], dict[str, tuple[str, ...]]]:
+    def places(split: str) -> dict[str, tuple[str, ...]]:
+        paths = synthetic_split_paths("", split)
+        annotations = {"panoptic": "panoptic_json", "instance": "instance_json"}.get(kind)
+        masks = {"panoptic": "panoptic_png_dir", "semantic": "semantic_dir"}.get(kind)
+        found = {"images": (str(paths["image_dir"]),)}
+        if annotations:
+            found["annotations"] = (str(paths[annotations]),)
+        if masks:
+            found["masks"] = (str(paths[masks]),)
+        return found
+
+    return places
 
 
-def _only(pieces: Callable, *names: str) -> Callable[[str], dict[str, tuple[str, ...]]]:
-    return lambda split: {name: pieces(split)[name] for name in names}
-
-
-def _coco_pieces(split: str) -> dict[str, tuple[str, ...]]:
+def _coco_places(split: str) -> dict[str, tuple[str, ...]]:
     s = f"{_official_split(split)}2017"
     return {
         "images": (s, f"{s}.zip/{s}"),
-        "panoptic_json": (
+        "annotations": (
             f"annotations/panoptic_{s}.json",
             f"{COCO_PANOPTIC_ZIP}/annotations/panoptic_{s}.json",
         ),
-        "panoptic_pngs": (
+        "masks": (
             f"annotations/panoptic_{s}",
             f"panoptic_{s}",
             f"annotations/panoptic_{s}.zip/panoptic_{s}",
             f"{COCO_PANOPTIC_ZIP}/annotations/panoptic_{s}.zip/panoptic_{s}",
         ),
-        "instance_json": (
+    }
+
+
+def _coco_instance_places(split: str) -> dict[str, tuple[str, ...]]:
+    s = f"{_official_split(split)}2017"
+    return {
+        "images": (s, f"{s}.zip/{s}"),
+        "annotations": (
             f"annotations/instances_{s}.json",
             f"{COCO_ANNOTATIONS_ZIP}/annotations/instances_{s}.json",
         ),
@@ -113,41 +145,47 @@ def ade20k_folder_candidates(split: str, folder: str) -> tuple[str, ...]:
     return (inner, f"{ADE20K_FOLDER}.zip/{inner}")
 
 
-def _ade20k_pieces(split: str) -> dict[str, tuple[str, ...]]:
+def _ade20k_semantic_places(split: str) -> dict[str, tuple[str, ...]]:
     return {
         "images": ade20k_folder_candidates(split, "images"),
-        "semantic_pngs": ade20k_folder_candidates(split, "annotations"),
-        "panoptic_json": (f"ade20k_panoptic_{split}.json",),
-        "panoptic_pngs": (
+        "masks": ade20k_folder_candidates(split, "annotations"),
+    }
+
+
+def _ade20k_panoptic_places(split: str) -> dict[str, tuple[str, ...]]:
+    return {
+        "images": ade20k_folder_candidates(split, "images"),
+        "annotations": (f"ade20k_panoptic_{split}.json",),
+        "masks": (
             f"ade20k_panoptic_{split}",
             f"ade20k_panoptic_{split}.zip/ade20k_panoptic_{split}",
         ),
     }
 
 
-def _cityscapes_pieces(split: str) -> dict[str, tuple[str, ...]]:
+def _cityscapes_places(split: str) -> dict[str, tuple[str, ...]]:
     split = _official_split(split)
     return {
         "images": (f"leftImg8bit/{split}", f"leftImg8bit_trainvaltest.zip/leftImg8bit/{split}"),
-        "labels": (f"gtFine/{split}", f"gtFine_trainvaltest.zip/gtFine/{split}"),
+        "masks": (f"gtFine/{split}", f"gtFine_trainvaltest.zip/gtFine/{split}"),
     }
 
 
 def _panoptic(found: dict[str, DataPath], transforms, bad_samples: str = "stop") -> Dataset:
     return COCOPanopticDataset(
-        found["images"], found["panoptic_json"], found["panoptic_pngs"], transforms, bad_samples
+        found["images"], found["annotations"], found["masks"], transforms, bad_samples
     )
 
 
 def _instance(found: dict[str, DataPath], transforms, bad_samples: str = "stop") -> Dataset:
-    return COCOInstanceDataset(found["images"], found["instance_json"], transforms, bad_samples)
+    return COCOInstanceDataset(found["images"], found["annotations"], transforms, bad_samples)
 
 
 def _synthetic_semantic(found: dict[str, DataPath], transforms, bad_samples="stop") -> Dataset:
     stuff_only = [{**category, "isthing": 0} for category in SYNTHETIC_CATEGORIES]
     return SemanticDataset(
         found["images"],
-        found["semantic_pngs"],
+        found["masks"],
         stuff_only,
         transforms=transforms,
         known_values=[*range(len(SYNTHETIC_CATEGORIES)), 255],
@@ -160,19 +198,20 @@ def _ade20k_semantic(found: dict[str, DataPath], transforms, bad_samples="stop")
     categories = ade20k_categories(with_things=False)
     return SemanticDataset(
         found["images"],
-        found["semantic_pngs"],
+        found["masks"],
         categories,
         label_offset=1,
         transforms=transforms,
         known_values=range(len(categories) + 1),
         bad_samples=bad_samples,
+        categories_source="the ADE20K class table (eomt/data/categories.py)",
     )
 
 
 def _cityscapes_semantic(found: dict[str, DataPath], transforms, bad_samples="stop") -> Dataset:
     return SemanticDataset(
         found["images"],
-        found["labels"],
+        found["masks"],
         cityscapes_categories(),
         image_suffix="_leftImg8bit.png",
         label_suffix="_gtFine_labelIds.png",
@@ -180,36 +219,77 @@ def _cityscapes_semantic(found: dict[str, DataPath], transforms, bad_samples="st
         label_lut=cityscapes_label_lut(),
         known_values=[label.id for label in CITYSCAPES_LABELS if label.id >= 0],
         bad_samples=bad_samples,
+        categories_source="the Cityscapes label table (cityscapesscripts)",
     )
+
+
+def _own_semantic(
+    found: dict[str, DataPath], transforms, bad_samples="stop", label_offset: int = 0
+) -> Dataset:
+    """Label PNGs `<image stem>.png` of class index + label_offset, 255 ignored, with a class
+    list of one name per line; every class is stuff, as semantic targets merge instances."""
+    categories = read_class_list(found["classes"])
+    return SemanticDataset(
+        found["images"],
+        found["masks"],
+        categories,
+        label_offset=label_offset,
+        image_suffix=IMAGE_SUFFIXES,
+        transforms=transforms,
+        known_values=[*range(len(categories) + label_offset), 255],
+        bad_samples=bad_samples,
+        categories_source=str(found["classes"]),
+    )
+
+
+def read_class_list(path: DataPath) -> list[dict]:
+    """A text file of class names, one per line (blank lines ignored), in label order."""
+    if not path.is_file():
+        raise FileNotFoundError(f"class list not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: a class list is a UTF-8 text file ({error})") from error
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"{path}: no class names (one per line)")
+    return [
+        {"id": index, "name": name, "isthing": 0, "color": distinct_color(index)}
+        for index, name in enumerate(names)
+    ]
 
 
 COCO_SIZES = {"train": 118287, "val": 5000}
 ADE20K_SIZES = {"train": 20210, "val": 2000}
+PANOPTIC_PIECES = ("images", "annotations", "masks")
+INSTANCE_PIECES = ("images", "annotations")
+SEMANTIC_PIECES = ("images", "masks")
 
 # dataset.name -> layout(root, split, transforms) building the dataset of a split.
 DATASET_LAYOUTS = {
-    "synthetic_panoptic": Layout(
-        _only(_synthetic_pieces, "images", "panoptic_json", "panoptic_pngs"), _panoptic
-    ),
-    "synthetic_instance": Layout(_only(_synthetic_pieces, "images", "instance_json"), _instance),
+    "synthetic_panoptic": Layout(PANOPTIC_PIECES, _synthetic_places("panoptic"), _panoptic),
+    "synthetic_instance": Layout(INSTANCE_PIECES, _synthetic_places("instance"), _instance),
     "synthetic_semantic": Layout(
-        _only(_synthetic_pieces, "images", "semantic_pngs"), _synthetic_semantic
+        SEMANTIC_PIECES, _synthetic_places("semantic"), _synthetic_semantic
     ),
-    "coco_panoptic": Layout(
-        _only(_coco_pieces, "images", "panoptic_json", "panoptic_pngs"), _panoptic, COCO_SIZES
-    ),
-    "coco_instance": Layout(_only(_coco_pieces, "images", "instance_json"), _instance, COCO_SIZES),
+    "coco_panoptic": Layout(PANOPTIC_PIECES, _coco_places, _panoptic, COCO_SIZES),
+    "coco_instance": Layout(INSTANCE_PIECES, _coco_instance_places, _instance, COCO_SIZES),
     "ade20k_semantic": Layout(
-        _only(_ade20k_pieces, "images", "semantic_pngs"), _ade20k_semantic, ADE20K_SIZES
+        SEMANTIC_PIECES, _ade20k_semantic_places, _ade20k_semantic, ADE20K_SIZES
     ),
     "ade20k_panoptic": Layout(
-        _only(_ade20k_pieces, "images", "panoptic_json", "panoptic_pngs"),
+        PANOPTIC_PIECES,
+        _ade20k_panoptic_places,
         _panoptic,
         ADE20K_SIZES,
         hint="Make the panoptic annotations with: python datasets/prepare_ade20k_panoptic.py ROOT",
     ),
     "cityscapes_semantic": Layout(
-        _cityscapes_pieces, _cityscapes_semantic, {"train": 2975, "val": 500}
+        SEMANTIC_PIECES, _cityscapes_places, _cityscapes_semantic, {"train": 2975, "val": 500}
+    ),
+    # Your own label PNGs: every piece comes from the config.
+    "semantic": Layout(
+        (*SEMANTIC_PIECES, "classes"), None, _own_semantic, options=("label_offset",)
     ),
 }
 
@@ -233,36 +313,49 @@ def check_dataset(
     splits: tuple[str, ...] = SPLITS,
     num_samples: int = 2,
     report: Callable[[str], None] = print,
+    given: dict[str, dict[str, DataPath]] | None = None,
+    options: dict | None = None,
 ) -> bool:
     """Report, per split, where each piece was found or that it is missing, whether every file
-    the annotations list is there, and whether a few samples load. True if nothing failed."""
+    the annotations list is there, and whether a few samples load. True if nothing failed.
+
+    given: {split: {piece: path}} of pieces given (by a config) instead of the layout's places;
+    options: the layout's build options (see `Layout.options`)."""
     if name not in DATASET_LAYOUTS:
         raise ValueError(f"unknown dataset '{name}', expected one of {sorted(DATASET_LAYOUTS)}")
     layout, root, ok = DATASET_LAYOUTS[name], Path(root), True
     for split in splits:
         report(f"{name} / {split}")
         found = {}
-        for piece, candidates in layout.pieces(split).items():
-            path = find_first(root, candidates)
-            if path is None:
-                tried = ", ".join(str(root / candidate) for candidate in candidates)
-                report(f"  MISSING {piece}: none of {tried}")
+        split_given = (given or {}).get(split, {})
+        for piece in layout.pieces:
+            if piece in split_given:
+                path = split_given[piece]
+            elif layout.places is None:
+                report(f"  MISSING {piece}: not given")
+                continue
             else:
-                report(f"  found   {piece}: {path}")
-                found[piece] = path
-        if len(found) < len(layout.pieces(split)):
+                candidates = layout.places(split)[piece]
+                path = find_first(root, candidates)
+                if path is None:
+                    tried = ", ".join(str(root / candidate) for candidate in candidates)
+                    report(f"  MISSING {piece}: none of {tried}")
+                    continue
+            report(f"  found   {piece}: {path}")
+            found[piece] = path
+        if len(found) < len(layout.pieces):
             ok = False
             if layout.hint:
                 report(f"  {layout.hint}")
             continue
         try:
-            dataset = layout.build(found, None)
+            dataset = layout.build(found, None, **(options or {}))
             missing = [path for path in _listed_files(dataset) if not path.is_file()]
             if missing:
                 ok = False
                 report(f"  MISSING {len(missing)} listed files, e.g. {missing[0]}")
             size = len(dataset)
-            full = layout.full_sizes.get(split)
+            full = None if split_given else layout.full_sizes.get(split)
             report(
                 f"  {size} images, {len(dataset.categories)} classes"
                 + (f" (the full split has {full} images)" if full not in (None, size) else "")

@@ -16,18 +16,18 @@ class SemanticDataset(Dataset):
     """Images `image_dir/<path><image_suffix>` with labels `label_dir/<path><label_suffix>`.
 
     Images are found in image_dir and its subfolders (folders or archives, see
-    `eomt.data.files`). A label pixel value v means contiguous class v - label_offset; values
-    equal to ignore_index or outside 0..C-1 after the offset are ignored. Alternatively,
-    `label_lut[v]` gives the class of value v (255: ignored). One mask per class present, none
-    crowd. `image_id` is the index in the sorted image list. The label map defines the geometry
-    (see `load_image`); an image whose pixels are all ignored is valid (empty masks (0, H, W),
-    labels (0,)).
+    `eomt.data.files`); `image_suffix` may be a tuple of endings, matched in lower case. A label
+    pixel value v means contiguous class v - label_offset; values equal to ignore_index or
+    outside 0..C-1 after the offset are ignored. Alternatively, `label_lut[v]` gives the class
+    of value v (255: ignored). One mask per class present, none crowd. `image_id` is the index
+    in the sorted image list. The label map defines the geometry (see `load_image`); an image
+    whose pixels are all ignored is valid (empty masks (0, H, W), labels (0,)).
 
     Problems of one image raise BadSampleError (see `eomt.data.bad_samples`): a missing label
     file already when the dataset is built with bad_samples="stop", when the image is read with
     "skip"; when the image is read, a multi-channel label PNG, a value outside label_lut, a size
     mismatch, or with `known_values` (the values the dataset's label PNGs may hold) any other
-    value: an unknown category.
+    value: an unknown category. `categories_source` says where the class list comes from.
     """
 
     def __init__(
@@ -37,16 +37,18 @@ class SemanticDataset(Dataset):
         categories: list[dict],
         ignore_index: int = 255,
         label_offset: int = 0,
-        image_suffix: str = ".jpg",
+        image_suffix: str | tuple[str, ...] = ".jpg",
         label_suffix: str = ".png",
         transforms: Callable | None = None,
         label_lut: Sequence[int] | None = None,
         known_values: Sequence[int] | None = None,
         bad_samples: str = "stop",
+        categories_source: str = "",
     ):
         self.image_dir = resolve_path(image_dir)
         self.label_dir = resolve_path(label_dir)
         self.categories = categories
+        self.categories_source = categories_source or "the class list of this layout"
         self.ignore_index = ignore_index
         self.label_offset = label_offset
         self.transforms = transforms
@@ -71,13 +73,19 @@ class SemanticDataset(Dataset):
             self.known_values[values] = True
         if not self.image_dir.is_dir():
             raise FileNotFoundError(f"Image folder not found: {self.image_dir}")
-        image_names = self.image_dir.files(image_suffix)
+        if isinstance(image_suffix, str):
+            image_names = self.image_dir.files(image_suffix)
+            stems = [name[: -len(image_suffix)] for name in image_names]
+        else:
+            image_names = [
+                name for name in self.image_dir.files() if name.lower().endswith(image_suffix)
+            ]
+            stems = [name.rsplit(".", 1)[0] for name in image_names]
         if not image_names:
-            raise FileNotFoundError(f"No *{image_suffix} images in {self.image_dir}")
+            endings = image_suffix if isinstance(image_suffix, str) else "|".join(image_suffix)
+            raise FileNotFoundError(f"No *{endings} images in {self.image_dir}")
         self.image_paths = [self.image_dir / name for name in image_names]
-        self.label_paths = [
-            self.label_dir / (name[: -len(image_suffix)] + label_suffix) for name in image_names
-        ]
+        self.label_paths = [self.label_dir / (stem + label_suffix) for stem in stems]
         if not self.label_dir.is_dir():
             raise FileNotFoundError(f"Label folder not found: {self.label_dir}")
         problems = {

@@ -348,11 +348,14 @@ def describe_mismatch(report: dict, limit: int = 4) -> str:
             groups.setdefault(key_group(key), []).append(key)
         for group, keys in groups.items():
             lines.append(f"  {group}: {len(keys)} {kind}: {_summarise(keys, limit)}")
+    shapes: dict[str, list[str]] = {}
     for key, (theirs, ours) in report["wrong_shape"].items():
-        lines.append(f"  {key_group(key)}: wrong shape: {key}: file {theirs}, model {ours}")
+        shapes.setdefault(key_group(key), []).append(f"{key}: file {theirs}, model {ours}")
+    for group, keys in shapes.items():
+        lines.append(f"  {group}: {len(keys)} wrong shape: {_summarise(keys, 2, '; ')}")
     return "\n".join(lines)
 
 
-def _summarise(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
+def _summarise(keys: list[str], limit: int = 8, separator: str = ", ") -> str:
+    shown = separator.join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")

@@ -22,12 +22,16 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from eomt.config import ConfigError
 from eomt.data.build import build_dataset, build_test_loader, build_train_loader
 from eomt.engine import distributed as dist
 from eomt.engine.annealing import MaskAnnealing
 from eomt.engine.checkpoint import (
     checkpoints_newest_first,
+    describe_mismatch,
+    key_group,
     load_checkpoint,
+    load_state,
     read_checkpoint,
     remove_partial_checkpoints,
     save_training_state,
@@ -42,6 +46,39 @@ from eomt.engine.inference import (
 from eomt.engine.solver import build_lr_scheduler, build_optimizer
 from eomt.modeling import build_model
 from eomt.modeling.criterion import MaskClassificationLoss
+
+RANDOM_WEIGHTS = "random"  # model.weights: no checkpoint, on purpose
+
+
+def fit_num_classes(cfg, dataset) -> None:
+    """model.num_classes 0 becomes the dataset's number of classes; any other must equal it."""
+    count = len(dataset.categories)
+    if cfg.model.num_classes == 0:
+        cfg.model.num_classes = count
+    elif cfg.model.num_classes != count:
+        raise ConfigError(
+            f"model.num_classes={cfg.model.num_classes} does not fit the dataset: "
+            f"{dataset.categories_source} has {count} classes (set model.num_classes={count}, "
+            "or 0 for the dataset's)"
+        )
+
+
+def check_same_classes(train_set, test_set) -> None:
+    """Training and evaluation splits with the same classes, in the same order."""
+    train, test = (
+        [(c["id"], c["name"], bool(c["isthing"])) for c in dataset.categories]
+        for dataset in (train_set, test_set)
+    )
+    if train == test:
+        return
+    differ = next(
+        (f"label {i} is {a} against {b}" for i, (a, b) in enumerate(zip(train, test)) if a != b),
+        f"{len(train)} classes against {len(test)}",
+    )
+    raise ValueError(
+        f"the training split's classes ({train_set.categories_source}) differ from the "
+        f"evaluation split's ({test_set.categories_source}): {differ} (id, name, is thing)"
+    )
 
 
 def accumulation_steps(cfg, world: int) -> int:
@@ -76,13 +113,17 @@ class Trainer:
         self.iteration = 0
         self.skipped_steps = 0  # with solver.nonfinite_loss=skip
         self.resumed = False
+        # The evaluation split is read first: it names the classes (model.num_classes 0), and
+        # a model that cannot be scored on it stops here, not after training.
+        self.test_set = build_dataset(cfg, train=False)
+        fit_num_classes(cfg, self.test_set)
         torch.manual_seed(cfg.seed)
+        weights = cfg.model.weights
         # A full checkpoint to come replaces the backbone's pretrained weights.
-        self.model = build_model(cfg, backbone_weights=not cfg.model.weights).to(self.device)
-        if cfg.model.weights:
-            report = load_checkpoint(self.model, cfg.model.weights, cfg.model.weights_strict)
-            if dist.is_main() and any(report.values()):
-                print(f"not loaded from {cfg.model.weights}: {report}")
+        self.model = build_model(cfg, backbone_weights=weights in ("", RANDOM_WEIGHTS))
+        self.model.to(self.device)
+        if weights not in ("", RANDOM_WEIGHTS):
+            self._load_weights(weights, cfg.model.weights_strict)
         self.criterion = build_criterion(cfg).to(self.device)
         s = cfg.solver
         self.optimizer = build_optimizer(self.model, s.lr, s.weight_decay, s.llrd)
@@ -92,8 +133,7 @@ class Trainer:
         self.annealing = MaskAnnealing.from_cfg(cfg) if cfg.model.masked_attn == "anneal" else None
         self.amp = s.amp if self.device.type == "cuda" else "none"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
-        self.test_set = None
-        self.categories = None  # of the training data, saved with the weights
+        self.categories = self.test_set.categories  # saved with the weights
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -109,33 +149,98 @@ class Trainer:
             "categories": self.categories,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state: dict, source: str = "checkpoint") -> None:
+        missing = [
+            key for key in ("model", "optimizer", "scheduler", "iteration") if key not in state
+        ]
+        if missing:
+            raise ValueError(f"{source}: not a training checkpoint (no {', '.join(missing)})")
+        load_state(self.model, state["model"], strict=True, source=source)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as error:
+            raise ValueError(
+                f"{source}: its optimizer state does not fit this run's parameter groups "
+                f"({error}); was the model or solver config changed?"
+            ) from error
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.iteration = state["iteration"]
         self.skipped_steps = state.get("skipped_steps", 0)
 
+    def _load_weights(self, path: str, strict: bool) -> None:
+        """model.weights: all of it, or with weights_strict false what matches, said so; a file
+        that shares none of the backbone's blocks with the model is not its checkpoint."""
+        report = load_checkpoint(self.model, path, strict)
+        if strict:
+            return
+        own = self.model.state_dict()
+        kept = set(report["missing"]) | set(report["wrong_shape"])
+        loaded = [key for key in own if key not in kept]
+        mismatch = describe_mismatch(report)
+        if not any(key_group(key) == "backbone.blocks" for key in loaded):
+            raise ValueError(
+                f"model.weights {path}: none of the backbone's blocks match this model "
+                f"(model.backbone {self.cfg.model.backbone}); only {len(loaded)} of {len(own)} "
+                f"tensors would load, so it is not a checkpoint of this architecture:\n{mismatch}"
+            )
+        if dist.is_main():
+            new = f"; kept their initialisation (model.weights_strict false):\n{mismatch}"
+            print(
+                f"model.weights {path}: loaded {len(loaded)} of {len(own)} tensors"
+                + (new if kept else ""),
+                flush=True,
+            )
+
     def resume(self) -> bool:
         """Continue from the newest checkpoint in the output dir that reads back whole; False
         when there is none. Checkpoints are written atomically, so a killed run leaves at most
         a temporary file, which is removed; a damaged file (e.g. a disk fault) is reported and
-        the one before it is used."""
+        the one before it is used. If none can be read, it stops: starting again from iteration
+        0 over them is for the user to choose."""
         if dist.is_main():
             remove_partial_checkpoints(self.output_dir)
+        problems = []
         for path in checkpoints_newest_first(self.output_dir):
             try:
                 state = read_checkpoint(path)
             except ValueError as error:
                 warnings.warn(f"skipping a checkpoint that cannot be read: {error}", stacklevel=2)
+                problems.append(str(error))
                 continue
-            self.load_state_dict(state)
+            self.load_state_dict(state, str(path))
             self.resumed = True
             if dist.is_main():
                 print(f"resumed from {path} at iteration {self.iteration}")
             return True
+        if problems:
+            raise ValueError(
+                f"cannot resume: no checkpoint in {self.output_dir} can be read:\n  "
+                + "\n  ".join(problems)
+                + "\nMove them away, or choose another output_dir, to start from iteration 0."
+            )
+        if dist.is_main():
+            print(f"no checkpoint in {self.output_dir} to resume: starting at iteration 0")
         return False
+
+    def eval_only(self, resume: bool = False) -> dict:
+        """Evaluate the newest checkpoint of the output dir (`resume`) or model.weights; a
+        model that loaded neither is evaluated only when asked for (model.weights random)."""
+        weights = self.cfg.model.weights
+        if resume:
+            if not self.resume():
+                raise FileNotFoundError(f"no checkpoint in {self.output_dir} to evaluate")
+        elif not weights:
+            raise ValueError(
+                "evaluation needs trained weights: set model.weights=FILE, or resume the last "
+                "checkpoint of output_dir (--resume); model.weights=random evaluates the "
+                "initialised model on purpose"
+            )
+        elif weights == RANDOM_WEIGHTS and dist.is_main():
+            print(
+                "evaluating the initialised model, without trained weights (model.weights=random)"
+            )
+        return self.test()
 
     def save(self) -> None:
         if not dist.is_main():
@@ -150,6 +255,17 @@ class Trainer:
                 f"could not write the checkpoint of iteration {self.iteration} to "
                 f"{self.output_dir} ({error.strerror or error}); {kept}",
             ) from error
+
+    def check_fresh_output_dir(self) -> None:
+        """A new run does not write over the checkpoints, config and results of another."""
+        existing = checkpoints_newest_first(self.output_dir)
+        if existing:
+            names = ", ".join(path.name for path in existing[:3])
+            raise FileExistsError(
+                f"output_dir {self.output_dir} holds the checkpoints of another run ({names}"
+                f"{', ...' if len(existing) > 3 else ''}): use --resume to continue it, or "
+                "another output_dir"
+            )
 
     def check_output_dir(self) -> None:
         """Before any training: the output dir can be written and holds at least one
@@ -195,11 +311,15 @@ class Trainer:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = DistributedDataParallel(self.model, device_ids=device_ids)
         forward = torch.compile(model) if s.compile else model
+        if not self.resumed:
+            self.check_fresh_output_dir()
         if dist.is_main():
             self.check_output_dir()
             (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         train_loader = build_train_loader(cfg, self.iteration, accumulation, dist.rank(), world)
-        self.categories = train_loader.dataset.dataset.categories
+        train_set = train_loader.dataset.dataset
+        check_same_classes(train_set, self.test_set)
+        self.categories = train_set.categories
         loader = iter(train_loader)
         metrics_file = self.output_dir / "metrics.jsonl"
         if self.resumed and dist.is_main():
@@ -345,8 +465,6 @@ class Trainer:
 
     def test(self, metrics_file=None, wandb_run=None) -> dict:
         cfg = self.cfg
-        if self.test_set is None:
-            self.test_set = build_dataset(cfg, cfg.dataset.test_split, train=False)
         loader = build_test_loader(cfg, self.test_set, dist.rank(), dist.world_size())
         results = evaluate(
             self.model,

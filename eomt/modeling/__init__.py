@@ -12,6 +12,11 @@ def build_model(cfg, backbone_weights: bool = True) -> nn.Module:
     ladder between it and EoMT, set by the `m2f` keys), with the backbone's pretrained weights
     if asked (`backbone_weights=False` skips them, when a full checkpoint is loaded next)."""
     m = cfg.model
+    if m.num_classes < 1:
+        raise ValueError(
+            "model.num_classes is 0, which stands for the dataset's number of classes: set it, "
+            "or build the model through eomt.engine.trainer.Trainer, which reads the dataset"
+        )
     if m.name not in MODEL_NAMES:
         raise ValueError(f"model.name '{m.name}' is not one of {list(MODEL_NAMES)}")
     if m.name == "m2f" and m.masked_attn == "anneal":
