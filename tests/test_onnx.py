@@ -36,10 +36,11 @@ def test_exported_graph_matches_pytorch(tmp_path, backbone):
 def test_export_tool_from_a_checkpoint(tmp_path, capsys):
     model, cfg = tiny_model()
     save_weights(model, cfg, None, tmp_path / "model.safetensors")
-    args = ["--weights", str(tmp_path / "model.safetensors"), "--output", str(tmp_path / "m.onnx")]
+    output = tmp_path / "new" / "folder" / "m.onnx"  # folders that do not exist yet
+    args = ["--weights", str(tmp_path / "model.safetensors"), "--output", str(output)]
     differences = main(parse_args(args))
     assert max(differences.values()) < 1e-3
-    assert (tmp_path / "m.onnx").is_file()
+    assert output.is_file()
     assert "real-looking: max |onnxruntime - PyTorch|" in capsys.readouterr().out
     # Masked attention is off in the graph whatever the model's mode.
     graph = InferenceGraph(model)

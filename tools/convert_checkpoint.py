@@ -12,11 +12,16 @@
     python tools/convert_checkpoint.py hf_model eomt.safetensors --to ours
     python tools/convert_checkpoint.py eomt.safetensors pytorch_model.bin --to official
 
-The input may be any layout; `--check` reloads the output and prints the largest difference
-of its predictions from the input's, with masked attention on and off.
+The input may be any layout. The output is written only once it reads back as the same model
+(every tensor); a layout that cannot hold the model (the official one records no backbone name,
+so only DINOv2 and DINOv3 EoMT read back from it) stops with nothing written. `--check` also
+reloads the output and prints the largest difference of its predictions from the input's, with
+masked attention on and off.
 """
 
 import argparse
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -53,18 +58,18 @@ def convert(args) -> Path:
     if args.categories:
         categories = read_categories(args.categories)
     output = Path(args.output)
-    if args.to == "ours":
-        if output.suffix == ".safetensors":
-            save_weights(model, cfg, categories, output)
-        else:
-            state = {"model": model.state_dict(), "cfg": OmegaConf.to_container(cfg)}
-            save_atomic({**state, "categories": categories}, output)
-    elif args.to == "official":
-        save_atomic(official_state_dict(model, cfg.loss.no_object_weight), output)
-    else:
-        save_hf(model, categories, output, cfg.loss.no_object_weight)
+    image_size = tuple(cfg.input.image_size)
+    # Written beside the output and moved there once it reads back as the same model: a
+    # failed conversion leaves nothing, and the output is never half written.
+    staging = output.with_name(f".{output.stem}.converting{output.suffix}")
+    _remove(staging)
+    try:
+        write(model, cfg, categories, staging, args.to)
+        read_back(model, staging, image_size, args.to)
+        _move(staging, output)
+    finally:
+        _remove(staging)
     if args.check:
-        image_size = tuple(cfg.input.image_size)
         converted = load_model(output, image_size=image_size)[0]
         for masked in (True, False):
             difference = max_difference(model, converted, image_size, masked)
@@ -72,6 +77,68 @@ def convert(args) -> Path:
                 f"masked attention {'on ' if masked else 'off'}: max |difference| {difference:.3g}"
             )
     return output
+
+
+def write(model, cfg, categories, output: Path, layout: str) -> None:
+    if layout == "ours":
+        if output.suffix == ".safetensors":
+            save_weights(model, cfg, categories, output)
+        else:
+            state = {"model": model.state_dict(), "cfg": OmegaConf.to_container(cfg)}
+            save_atomic({**state, "categories": categories}, output)
+    elif layout == "official":
+        save_atomic(official_state_dict(model, cfg.loss.no_object_weight), output)
+    else:
+        save_hf(model, categories, output, cfg.loss.no_object_weight)
+
+
+def read_back(model, path: Path, image_size, layout: str) -> None:
+    """The written weights must rebuild the same model (architecture and every tensor)."""
+    why = {
+        "official": "the official layout does not record the backbone, which is inferred "
+        "from the shapes as a DINOv2 or DINOv3 ViT",
+        "hf": "the Hugging Face layout holds DINOv2 and DINOv3 EoMT only",
+    }.get(layout, "")
+    problem = f" ({why})" if why else ""
+    try:
+        rebuilt = load_model(path, image_size=image_size)[0]
+    except Exception as error:  # any failure to rebuild means the file is of no use
+        raise ValueError(
+            f"the {layout} layout cannot hold this model{problem}: reading it back fails "
+            f"({type(error).__name__}: {error}); nothing was written"
+        ) from error
+    own, theirs = model.state_dict(), rebuilt.state_dict()
+    differ = [
+        key
+        for key in own
+        if key not in theirs
+        or own[key].shape != theirs[key].shape
+        or not torch.equal(own[key], theirs[key].to(own[key].dtype))
+    ]
+    if differ or set(theirs) - set(own):
+        raise ValueError(
+            f"the {layout} layout cannot hold this model{problem}: read back, it gives another "
+            f"model (first differing tensor: {(differ or sorted(set(theirs) - set(own)))[0]}); "
+            "nothing was written"
+        )
+
+
+def _move(source: Path, target: Path) -> None:
+    if target.is_dir() and source.is_dir():
+        old = target.with_name(f".{target.name}.replaced")
+        _remove(old)
+        os.replace(target, old)
+        os.replace(source, target)
+        _remove(old)
+    else:
+        os.replace(source, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @torch.no_grad()

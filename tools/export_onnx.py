@@ -40,7 +40,8 @@ class InferenceGraph(nn.Module):
 
 
 def export(model, path: str | Path, image_size, batch_size: int = 1, opset: int = 18) -> Path:
-    """Write the inference graph with a dynamic batch dimension."""
+    """Write the inference graph with a dynamic batch dimension (creating the folder)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     graph = InferenceGraph(model)
     example = torch.rand(batch_size, 3, *image_size)
     torch.onnx.export(
