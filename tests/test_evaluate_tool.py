@@ -1,5 +1,6 @@
 import json
 import math
+import re
 import sys
 
 import numpy as np
@@ -246,6 +247,30 @@ def test_panoptic_errors_name_the_file_and_problem(tmp_path, break_it, message):
         evaluate.main(_panoptic_args(root, "--workers", "1"))
 
 
+STEM_NAMED = (
+    r"{pred}: its image ids \(e.g. '{example}'\) match none of {gt}: the predictions are "
+    r"named by file stem; run tools/predict.py with --coco-json {gt} to give them the ground "
+    r"truth's image ids"
+)
+
+
+def _stem_named(pred, example, gt):
+    return STEM_NAMED.format(pred=re.escape(str(pred)), example=example, gt=re.escape(str(gt)))
+
+
+def test_panoptic_predictions_named_by_file_stem_say_how_to_predict(tmp_path):
+    root = write_panoptic_fixture(tmp_path)
+
+    def by_stem(content):
+        for annotation in content["annotations"]:
+            annotation["image_id"] = annotation["file_name"][: -len(".png")]
+
+    _edit_json(root / "pred.json", by_stem)
+    message = _stem_named(root / "pred.json", "000000000011", root / "gt.json")
+    with pytest.raises(ValueError, match=message):
+        evaluate.main(_panoptic_args(root, "--workers", "0"))
+
+
 # ----------------------------------------------------------------------------- semantic
 
 
@@ -385,6 +410,15 @@ def test_instance_errors_name_the_file(tmp_path, edit, message):
     edit(result)
     args = _write_instance_files(tmp_path, [result])
     with pytest.raises(ValueError, match="results.json: " + message):
+        evaluate.main(args)
+
+
+def test_instance_results_named_by_file_stem_say_how_to_predict(tmp_path):
+    result = {"image_id": "photo", "category_id": 1, "score": 1}
+    result["segmentation"] = _rle(np.ones((16, 16)))
+    args = _write_instance_files(tmp_path, [result])
+    message = _stem_named(tmp_path / "results.json", "photo", tmp_path / "gt.json")
+    with pytest.raises(ValueError, match=message):
         evaluate.main(args)
 
 

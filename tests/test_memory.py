@@ -29,7 +29,7 @@ from eomt.data.build import build_dataset
 from eomt.engine import inference
 from eomt.evaluation import InstanceEvaluator, PanopticEvaluator, masks_to_panoptic
 from eomt.modeling import build_model
-from eomt.predictor import Predictor, StreamedJson, write_predictions
+from eomt.predictor import RESERVE_MARGIN, Predictor, StreamedJson, unique_stems, write_predictions
 
 FIRST, LAST = 40, 160  # images; the batch size divides both
 IMAGES = LAST - FIRST
@@ -58,7 +58,7 @@ def setup(tiny_cfg, one_thread):
     )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
-    dataset = build_dataset(cfg, "val", train=False)
+    dataset = build_dataset(cfg, train=False)
     items = []
     for image, target in (dataset[i] for i in range(len(dataset))):
         image = F.interpolate(image[None], (SIZE, SIZE), mode="bilinear")[0]
@@ -237,32 +237,48 @@ def test_predictor_writes_as_it_goes(setup, tmp_path, task):
     _assert_flat(_growth(snapshots), bytes_per_image=64)
     content = json.loads(next(iter(written.values())).read_text())
     if task == "panoptic":
-        assert [image["id"] for image in content["images"]] == list(range(len(paths)))
+        assert [image["id"] for image in content["images"]] == unique_stems(paths)
         assert sum(len(a["segments_info"]) for a in content["annotations"]) > len(paths)
     else:
-        assert {result["image_id"] for result in content} == set(range(len(paths)))
+        assert {result["image_id"] for result in content} == set(unique_stems(paths))
     assert sorted(p.name for p in (tmp_path / "out").glob("*.json*")) == [*written]
 
 
 def test_streamed_json_is_what_json_dump_writes(tmp_path):
-    content = {"images": [{"id": 1, "n": [1.5, None]}, {"id": 2}], "annotations": []}
-    streamed = StreamedJson(tmp_path / "a.json", ("images", "annotations"))
-    for image in content["images"]:
-        streamed.add("images", image)
-    streamed.close(categories=[{"id": 3, "name": "x"}])
-    expected = json.dumps({**content, "categories": [{"id": 3, "name": "x"}]})
+    annotations = [{"image_id": 1, "n": [1.5, None]}, {"image_id": 2, "name": "é"}]
+    images = [{"id": 1}, {"id": 2}, {"id": 3}]
+    categories = [{"id": 3, "name": "x"}]
+    streamed = StreamedJson(
+        tmp_path / "a.json", "annotations", ("images",), {"categories": categories}
+    )
+    streamed.add({"annotations": annotations[:1], "images": images[:2]})
+    streamed.add({"annotations": [], "images": images[2:]})  # an image without annotations
+    streamed.add({"annotations": annotations[1:]})
+    # What closing appends to the temporary fits in the reserve it deletes first, with the
+    # margin for block rounding to spare: it needs no free space.
+    before = (tmp_path / "a.json.partial").stat().st_size
+    reserve = (tmp_path / "a.json.reserve").stat().st_size
+    streamed.close()
+    expected = json.dumps({"annotations": annotations, "images": images, "categories": categories})
     assert (tmp_path / "a.json").read_text() == expected
+    assert reserve - ((tmp_path / "a.json").stat().st_size - before) == RESERVE_MARGIN
 
     items = StreamedJson(tmp_path / "b.json")
-    items.add(None, {"score": 0.5})
-    items.add(None, [1, "two"])
+    items.add({None: [{"score": 0.5}]})
+    items.add({None: [[1, "two"], 3]})
     items.close()
-    assert (tmp_path / "b.json").read_text() == json.dumps([{"score": 0.5}, [1, "two"]])
+    assert (tmp_path / "b.json").read_text() == json.dumps([{"score": 0.5}, [1, "two"], 3])
 
-    discarded = StreamedJson(tmp_path / "c.json")
-    discarded.add(None, 1)
+    empty = StreamedJson(tmp_path / "c.json", "annotations", ("images",), {"categories": []})
+    empty.close()
+    assert (tmp_path / "c.json").read_text() == json.dumps(
+        {"annotations": [], "images": [], "categories": []}
+    )
+
+    discarded = StreamedJson(tmp_path / "d.json")
+    discarded.add({None: [1]})
     discarded.discard()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "c.json"]
 
 
 def test_instance_state_is_compact(setup):

@@ -1,6 +1,8 @@
 """tools/predict.py and the Predictor on synthetic images: the files written and their content."""
 
+import errno
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -8,12 +10,28 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from eomt.data import BadSampleError, BadSampleWarning
+from eomt import predictor as predictor_module
+from eomt.data import BadSampleError, BadSampleWarning, synthetic_split_paths
 from eomt.engine.checkpoint import save_weights
+from eomt.engine.trainer import Trainer
 from eomt.evaluation.panoptic_io import read_panoptic_png
-from eomt.predictor import Predictor, find_images, read_categories, unique_stems
+from eomt.predictor import (
+    ACCEPTED_IMAGES,
+    Predictor,
+    as_image_tensor,
+    find_images,
+    read_categories,
+    unique_stems,
+    write_predictions,
+)
 from tests.test_interop import CLASSES, L2, tiny_model
 from tools.predict import main, parse_args
+
+sys.path.insert(0, "tools")
+try:
+    import evaluate
+finally:
+    sys.path.pop(0)
 
 CATEGORIES = [
     {"id": 10 + i, "name": f"class{i}", "isthing": int(i < 3), "color": [40 * i, 200, 90]}
@@ -94,7 +112,7 @@ def test_semantic_and_instance_outputs(weights, image_dir, tmp_path):
 
     run(weights, image_dir / "b.jpg", tmp_path / "ins", "--task", "instance")
     results = json.loads((tmp_path / "ins" / "instances.json").read_text())
-    assert results and all(r["image_id"] == 0 for r in results)
+    assert results and all(r["image_id"] == "b" for r in results)  # named by file stem
     assert {r["category_id"] for r in results} <= {c["id"] for c in CATEGORIES[:3]}  # things
     decoded = mask_utils.decode(results[0]["segmentation"])
     assert decoded.shape == (48, 48)
@@ -153,7 +171,295 @@ def test_unreadable_image_stops_keeping_earlier_predictions_or_is_skipped(
     with pytest.warns(BadSampleWarning, match="b.jpg"):
         run(weights, image_dir, tmp_path / "skip", "--bad-images", "skip", "--no-overlay")
     written = json.load(open(tmp_path / "skip" / "panoptic.json"))
-    assert [(i["id"], i["file_name"]) for i in written["images"]] == [(0, "a.png"), (2, "c.png")]
-    assert [a["image_id"] for a in written["annotations"]] == [0, 2]
+    assert [(i["id"], i["file_name"]) for i in written["images"]] == [
+        ("a", "a.png"),
+        ("c", "c.png"),
+    ]
+    assert [a["image_id"] for a in written["annotations"]] == ["a", "c"]
     listed = (tmp_path / "skip" / "skipped_images.txt").read_text().splitlines()
     assert len(listed) == 1 and str(broken) in listed[0]
+
+
+# ----------------------------------------------------------------------------- input contract
+
+
+def test_an_image_in_each_accepted_form_gives_the_same_result(weights, image_dir):
+    predictor = Predictor.from_checkpoint(weights, device="cpu")
+    path = image_dir / "a.png"
+    array = np.array(Image.open(path).convert("RGB"))
+    forms = {
+        "path": path,
+        "str": str(path),
+        "PIL": Image.open(path),
+        "array": array,
+        "uint8 tensor": torch.from_numpy(array).permute(2, 0, 1).contiguous(),
+        "float tensor": torch.from_numpy(array).permute(2, 0, 1) / 255,
+    }
+    expected_seg, expected_segments = predictor(array, "panoptic")
+    assert expected_segments, "a score threshold of 0 keeps segments"
+    for form, image in forms.items():
+        seg, segments = predictor(image, "panoptic")
+        assert torch.equal(seg, expected_seg) and segments == expected_segments, form
+    # A uint8 tensor is scaled like the array, not read as 0-255 floats.
+    tensor = as_image_tensor(forms["uint8 tensor"])
+    assert tensor.dtype == torch.float32 and torch.equal(tensor, as_image_tensor(array))
+    assert tensor.max() <= 1
+
+
+@pytest.mark.parametrize(
+    "image, what",
+    [
+        (torch.zeros(40, 56, 3, dtype=torch.uint8), r"a torch tensor of shape \(40, 56, 3\)"),
+        (torch.rand(40, 56, 3), r"a torch tensor of shape \(40, 56, 3\)"),
+        (torch.rand(1, 3, 40, 56), r"a torch tensor of shape \(1, 3, 40, 56\)"),
+        (torch.zeros(3, 40, 56, dtype=torch.int32), "a torch torch.int32 tensor"),
+        (torch.zeros(3, 40, 56, dtype=torch.bool), "a torch torch.bool tensor"),
+        (np.zeros((40, 56), np.uint8), r"a numpy uint8 array \(40, 56\)"),  # grayscale
+        (np.zeros((40, 56, 4), np.uint8), r"a numpy uint8 array \(40, 56, 4\)"),
+        (np.zeros((40, 56, 3), np.float32), r"a numpy float32 array \(40, 56, 3\)"),
+        ([[0, 1], [2, 3]], "a list"),
+    ],
+    ids=["hwc-uint8", "hwc-float", "batch", "int32", "bool", "gray", "rgba", "float-array", "list"],
+)
+def test_other_image_forms_are_refused_listing_the_accepted_ones(image, what):
+    with pytest.raises(TypeError, match=f"cannot use {what} as an image; accepted: ") as caught:
+        as_image_tensor(image)
+    assert str(caught.value).endswith(ACCEPTED_IMAGES)
+
+
+def test_a_float_tensor_outside_0_1_is_refused(weights):
+    predictor = Predictor.from_checkpoint(weights, device="cpu")
+    pixels = torch.full((3, 20, 30), 200.0)
+    with pytest.raises(ValueError, match=r"in \[0, 1\], got \[200, 200\]: divide .* by 255"):
+        predictor(pixels, "semantic")
+    with pytest.raises(ValueError, match=r"got \[nan, nan\]"):
+        as_image_tensor(torch.full((3, 4, 4), float("nan")))
+
+
+# ----------------------------------------------------------------------------- ids
+
+
+def test_api_category_ids_are_those_of_the_json_files(weights, image_dir, tmp_path):
+    predictor = Predictor.from_checkpoint(weights, device="cpu")
+    path = image_dir / "a.png"
+    _, segments = predictor(path, "panoptic")
+    instances = predictor(path, "instance")
+    assert segments and len(instances["scores"])
+    for segment in segments:
+        assert set(segment) == {"id", "label", "category_id", "isthing", "score"}
+        assert segment["category_id"] == CATEGORIES[segment["label"]]["id"] != segment["label"]
+        assert segment["isthing"] == CATEGORIES[segment["label"]]["isthing"]
+    labels = instances["labels"].tolist()
+    assert instances["category_ids"].tolist() == [CATEGORIES[label]["id"] for label in labels]
+
+    write_predictions(predictor, [path], tmp_path / "pan", "panoptic", progress=False)
+    write_predictions(predictor, [path], tmp_path / "ins", "instance", progress=False)
+    (annotation,) = json.load(open(tmp_path / "pan" / "panoptic.json"))["annotations"]
+    written = [(s["id"], s["category_id"]) for s in annotation["segments_info"]]
+    assert written == [(s["id"], s["category_id"]) for s in segments]
+    results = json.load(open(tmp_path / "ins" / "instances.json"))
+    assert [r["category_id"] for r in results] == instances["category_ids"].tolist()
+    # Scores keep their float32 value, hence the ranking COCOeval sees.
+    assert [np.float32(r["score"]) for r in results] == instances["scores"].tolist()
+
+
+def _coco_images(tmp_path, entries):
+    (tmp_path / "gt.json").write_text(json.dumps({"images": entries, "categories": CATEGORIES}))
+    return tmp_path / "gt.json"
+
+
+def test_coco_json_gives_its_ids_and_file_names_a_missing_image_is_bad(
+    weights, image_dir, tmp_path
+):
+    gt = _coco_images(
+        tmp_path,
+        [
+            {"id": 9, "file_name": "b.jpg", "height": 48, "width": 48},
+            {"id": 7, "file_name": "gone.jpg", "height": 10, "width": 10},
+            {"id": 3, "file_name": "a.png", "height": 40, "width": 56},
+        ],
+    )
+    out = tmp_path / "skip"
+    with pytest.warns(BadSampleWarning, match="gone.jpg"):
+        run(weights, image_dir, out, "--coco-json", str(gt), "--bad-images", "skip")
+    content = json.load(open(out / "panoptic.json"))
+    assert [(i["id"], i["file_name"]) for i in content["images"]] == [(9, "b.jpg"), (3, "a.png")]
+    assert [(a["image_id"], a["file_name"]) for a in content["annotations"]] == [
+        (9, "b.png"),
+        (3, "a.png"),
+    ]
+    assert sorted(p.name for p in (out / "panoptic").iterdir()) == ["a.png", "b.png"]
+    assert "gone.jpg" in (out / "skipped_images.txt").read_text()
+
+    with pytest.warns(BadSampleWarning, match="gone.jpg"):
+        run(weights, image_dir, tmp_path / "ins", "--coco-json", str(gt), "--task", "instance",
+            "--bad-images", "skip")  # fmt: skip
+    assert {r["image_id"] for r in json.load(open(tmp_path / "ins" / "instances.json"))} == {9, 3}
+
+    with pytest.raises(BadSampleError, match=r"not found: .*gone.jpg"):
+        run(weights, image_dir, tmp_path / "stop", "--coco-json", str(gt), "--batch-size", "1")
+    done = json.load(open(tmp_path / "stop" / "panoptic.json"))
+    assert [image["id"] for image in done["images"]] == [9]
+
+
+@pytest.mark.parametrize(
+    "entries, message",
+    [
+        ([{"id": 1}], r"images\[0\] lacks 'id' or 'file_name'"),
+        (
+            [{"id": 1, "file_name": "a.png"}, {"id": 1, "file_name": "b.jpg"}],
+            "image id 1 appears twice",
+        ),
+    ],
+)
+def test_coco_json_errors(weights, image_dir, tmp_path, entries, message):
+    with pytest.raises(ValueError, match=message):
+        run(
+            weights,
+            image_dir,
+            tmp_path / "out",
+            "--coco-json",
+            str(_coco_images(tmp_path, entries)),
+        )
+    with pytest.raises(
+        NotADirectoryError, match="a.png is not a folder; the images of .*gt.json are found"
+    ):
+        run(
+            weights, image_dir / "a.png", tmp_path / "out", "--coco-json", str(tmp_path / "gt.json")
+        )
+
+
+def test_predict_then_evaluate_equals_the_trainers_evaluation(tiny_cfg, synthetic_root, tmp_path):
+    """The files of tools/predict.py --coco-json, scored by tools/evaluate.py against the
+    ground truth, give the numbers of the trainer's own evaluation of the same model."""
+    cfg = tiny_cfg(
+        "solver.max_iter=60",
+        "checkpoint_period=60",
+        "log_period=60",
+        "test.metrics=[panoptic, instance]",
+        "test.score_threshold=0.0",  # a barely trained model: keep its segments
+        "test.overlap_threshold=0.0",
+    )
+    trained = Trainer(cfg).train()
+    assert trained["panoptic"]["PQ"] > 0 and trained["instance"]["AP"] > 0
+    val = synthetic_split_paths(synthetic_root, "val")
+    weights = tmp_path / "run" / "model_0000060.pth"
+    for task, gt_json in (("panoptic", val["panoptic_json"]), ("instance", val["instance_json"])):
+        # The trainer's batch size: a batch's numbers may differ in the last bits from another's.
+        run(weights, val["image_dir"], tmp_path / task, "--coco-json", str(gt_json),
+            "--task", task, "--batch-size", str(cfg.test.batch_size), "--no-overlay",
+            "--device", "cpu")  # fmt: skip
+    panoptic = evaluate.evaluate_panoptic(
+        val["panoptic_json"],
+        val["panoptic_png_dir"],
+        tmp_path / "panoptic" / "panoptic.json",
+        tmp_path / "panoptic" / "panoptic",
+        workers=0,
+    )
+    instance, _ = evaluate.evaluate_instance(
+        val["instance_json"], tmp_path / "instance" / "instances.json"
+    )
+    assert {key: panoptic["All"][key] for key in ("PQ", "SQ", "RQ")} == {
+        key: trained["panoptic"][key] for key in ("PQ", "SQ", "RQ")
+    }
+    keys = evaluate.SUMMARY_KEYS
+    assert [instance[key] for key in keys] == pytest.approx(
+        [trained["instance"][key] for key in keys], rel=0, abs=0, nan_ok=True
+    )
+
+
+# ----------------------------------------------------------------------------- full disk
+
+
+def _no_space(path=None):
+    return OSError(errno.ENOSPC, "No space left on device", path)
+
+
+def _json_leftovers(out):
+    return sorted(p.name for p in out.iterdir() if ".json." in p.name)
+
+
+def test_full_disk_at_a_png_keeps_the_images_before(weights, image_dir, tmp_path, monkeypatch):
+    save = Image.Image.save
+
+    def save_until_full(image, path, *args, **kwargs):
+        if path.parent.name == "overlay" and path.stem == "b":  # after panoptic/b.png
+            path.write_bytes(b"\x89PNG half")
+            raise _no_space()
+        save(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_until_full)
+    out = tmp_path / "out"
+    message = (
+        r"\[Errno 28\] could not write .*overlay/b.png \(No space left on device\); "
+        r".*panoptic.json holds the 1 images completed before it"
+    )
+    with pytest.raises(OSError, match=message) as caught:
+        run(weights, image_dir, out, "--batch-size", "2")
+    assert caught.value.errno == errno.ENOSPC
+    content = json.load(open(out / "panoptic.json"))
+    assert [i["file_name"] for i in content["images"]] == ["a.png"]
+    assert [a["file_name"] for a in content["annotations"]] == ["a.png"]
+    assert content["categories"] == CATEGORIES
+    for folder in ("panoptic", "overlay"):  # b's files, complete or not, are removed
+        assert sorted(p.name for p in (out / folder).iterdir()) == ["a.png"]
+    assert _json_leftovers(out) == []
+
+
+@pytest.mark.parametrize("task, failing", [
+    ("panoptic", "panoptic.json.partial"),
+    ("panoptic", "panoptic.json.images.part"),
+    ("panoptic", "panoptic.json.reserve"),
+    ("instance", "instances.json.partial"),
+])  # fmt: skip
+def test_full_disk_at_a_json_append_keeps_the_images_before(
+    weights, image_dir, tmp_path, monkeypatch, task, failing
+):
+    """The entries of image b go in, half of one write lands, the disk is full: the JSON
+    closes into image a's entries alone."""
+    out = tmp_path / "out"
+    write_all = predictor_module._write_all
+
+    def write_until_full(file, data):
+        writing_b = (out / "overlay" / "b.png").exists()
+        if writing_b and file.name.endswith(failing) and len(data) > 1:
+            file.write(data[: len(data) // 2])
+            raise _no_space(file.name)
+        write_all(file, data)
+
+    monkeypatch.setattr(predictor_module, "_write_all", write_until_full)
+    json_name = {"panoptic": "panoptic.json", "instance": "instances.json"}[task]
+    message = rf"could not write .*{json_name} \(No space left on device\); .*{json_name} holds "
+    with pytest.raises(OSError, match=message + "the 1 images completed before it"):
+        run(weights, image_dir, out, "--task", task)
+    content = json.load(open(out / json_name))
+    if task == "panoptic":
+        assert [i["id"] for i in content["images"]] == ["a"]
+        assert [a["image_id"] for a in content["annotations"]] == ["a"]
+        assert sorted(p.name for p in (out / "panoptic").iterdir()) == ["a.png"]
+    else:
+        assert content and {r["image_id"] for r in content} == {"a"}
+    assert sorted(p.name for p in (out / "overlay").iterdir()) == ["a.png"]
+    assert _json_leftovers(out) == []
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [("--batch-size", "0", "1"), ("--batch-size", "x", "1"), ("--show-queries", "-1", "0")],
+)
+def test_count_arguments_are_checked(flag, value, expected, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--weights", "w", "--input", "i", "--output", "o", flag, value])
+    error = capsys.readouterr().err
+    assert f"argument {flag}: expected an integer >= {expected}, got '{value}'" in error
+
+
+def test_write_predictions_checks_its_counts(weights, image_dir, tmp_path):
+    predictor = Predictor.from_checkpoint(weights, device="cpu")
+    with pytest.raises(ValueError, match="batch_size must be >= 1 and show_queries >= 0"):
+        write_predictions(predictor, [image_dir / "a.png"], tmp_path, batch_size=0)
+    with pytest.raises(ValueError, match="got 4 and -2"):
+        write_predictions(predictor, [image_dir / "a.png"], tmp_path, show_queries=-2)

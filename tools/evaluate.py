@@ -18,6 +18,9 @@ instance: COCO instance ground truth and a COCO results file (image_id, category
 segmentation, score), mask AP by pycocotools' COCOeval. A "bbox" in a result is dropped, so that
 a detection's area (which sorts it into small / medium / large) is its mask's.
 
+Predictions are matched to the ground truth by image id: tools/predict.py writes its ids with
+--coco-json GT_JSON (without, its ids are file stems, which match no ground-truth id).
+
 Every number is a percentage (pq_compute returns fractions and prints percentages). --json
 prints a single JSON object instead of the tables (NaN, for a class without ground truth, as
 null).
@@ -58,6 +61,19 @@ def _require_dir(path: str | Path) -> Path:
     return Path(path)
 
 
+def _check_image_ids(pred_ids, gt_ids, pred_json: str, gt_json: str) -> None:
+    """Predictions named by file stem (tools/predict.py without --coco-json) match no ground-truth
+    image id: say so, rather than a missing prediction or a score of 0."""
+    pred_ids = set(pred_ids)
+    if any(isinstance(i, str) for i in pred_ids) and pred_ids.isdisjoint(gt_ids):
+        example = sorted(map(str, pred_ids))[0]
+        raise ValueError(
+            f"{pred_json}: its image ids (e.g. {example!r}) match none of {gt_json}: the "
+            "predictions are named by file stem; run tools/predict.py with "
+            f"--coco-json {gt_json} to give them the ground truth's image ids"
+        )
+
+
 # ----------------------------------------------------------------------------- panoptic
 
 
@@ -86,6 +102,8 @@ def evaluate_panoptic(
         if annotation["image_id"] in pred_by_image:
             raise ValueError(f"{pred_json}: image id {annotation['image_id']} appears twice")
         pred_by_image[annotation["image_id"]] = annotation
+    gt_ids = [annotation["image_id"] for annotation in gt["annotations"]]
+    _check_image_ids(pred_by_image, gt_ids, pred_json, gt_json)
 
     evaluator = PanopticEvaluator(categories, workers=workers)
     for gt_annotation in gt["annotations"]:
@@ -222,10 +240,12 @@ def format_semantic(summary: dict) -> str:
 # ----------------------------------------------------------------------------- instance
 
 
-def _checked_results(predictions, coco_gt: COCO, pred_json: str) -> list[dict]:
+def _checked_results(predictions, coco_gt: COCO, pred_json: str, gt_json: str) -> list[dict]:
     """The results with every field COCOeval reads checked, "bbox" dropped."""
     if not isinstance(predictions, list):
         raise ValueError(f"{pred_json}: expected a JSON list of results")
+    pred_ids = [result.get("image_id") for result in predictions if isinstance(result, dict)]
+    _check_image_ids(pred_ids, coco_gt.imgs, pred_json, gt_json)
     checked = []
     for index, result in enumerate(predictions):
         where = f"{pred_json}: result {index}"
@@ -260,7 +280,7 @@ def evaluate_instance(gt_json: str, pred_json: str) -> tuple[dict, str]:
     coco_gt.dataset = dataset
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt.createIndex()
-    predictions = _checked_results(_load_json(pred_json), coco_gt, pred_json)
+    predictions = _checked_results(_load_json(pred_json), coco_gt, pred_json, gt_json)
     results, coco_summary = coco_mask_ap(coco_gt, predictions)
     summary = {key: results[key] for key in SUMMARY_KEYS}
     summary["per_class"] = {

@@ -5,14 +5,35 @@
         --categories datasets/coco/annotations/panoptic_val2017.json --batch-size 8
     python tools/predict.py --weights delta.bin --base-weights dinov3_vitl16.safetensors \\
         --input images/ --output out --show-queries 4
+    python tools/predict.py --weights model.pth --input datasets/coco/val2017 --output out \\
+        --coco-json datasets/coco/annotations/panoptic_val2017.json
 
 Writes PNG/JSON predictions (COCO panoptic format for panoptic, COCO results for instance,
-label PNGs for semantic) and overlay pictures; runs on the GPU when there is one.
+label PNGs for semantic) and overlay pictures; runs on the GPU when there is one. Outputs are
+named by the image's file stem, which is also its image id (a string); with --coco-json they
+take the JSON's image ids and file names, so that tools/evaluate.py scores them against it.
 """
 
 import argparse
+import sys
 
-from eomt.predictor import Predictor, find_images, write_predictions
+from eomt.data import BadSampleError
+from eomt.predictor import Predictor, find_images, read_coco_images, write_predictions
+
+
+def _int_at_least(minimum: int):
+    """An argparse type: an integer >= `minimum` (argparse's error names the flag)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
 
 
 def parse_args(argv=None):
@@ -20,14 +41,26 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--weights", required=True, help="checkpoint file or HF model folder")
-    parser.add_argument("--input", required=True, help="an image, a folder or a glob pattern")
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="an image, a folder or a glob pattern (with --coco-json: "
+        "the folder of the JSON's images)",
+    )
     parser.add_argument("--output", required=True, help="folder for predictions and pictures")
     parser.add_argument(
         "--task",
         choices=("panoptic", "semantic", "instance"),
         help="default: the model's task",
     )
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--coco-json",
+        metavar="FILE",
+        help="predict the images listed in this COCO panoptic or instance JSON (e.g. the ground "
+        "truth), found under --input by file_name, with its image ids and file names; a listed "
+        "image missing from the folder is a bad image (--bad-images)",
+    )
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=4)
     parser.add_argument(
         "--categories",
         help="class names: ade20k, ade20k_panoptic, cityscapes or a COCO-format JSON file "
@@ -41,7 +74,7 @@ def parse_args(argv=None):
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay pictures")
     parser.add_argument(
         "--show-queries",
-        type=int,
+        type=_int_at_least(0),
         default=0,
         metavar="N",
         help="also draw what the N most confident queries predict at each query block "
@@ -69,7 +102,10 @@ def main(args) -> None:
         base_weights=args.base_weights,
         image_size=args.image_size,
     )
-    paths = find_images(args.input)
+    if args.coco_json:
+        paths, images = read_coco_images(args.coco_json, args.input)
+    else:
+        paths, images = find_images(args.input), None
     written = write_predictions(
         predictor,
         paths,
@@ -81,9 +117,13 @@ def main(args) -> None:
         score_threshold=args.score_threshold,
         progress=not args.quiet,
         bad_images=args.bad_images,
+        images=images,
     )
     print(f"{len(paths)} images -> {args.output} ({', '.join(written) or 'per-image files'})")
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    try:
+        main(parse_args())
+    except (OSError, BadSampleError) as error:  # a full disk, a bad image: said in the message
+        sys.exit(f"error: {error}")
