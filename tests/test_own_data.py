@@ -4,10 +4,12 @@ run before its first iteration."""
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from eomt.config import ConfigError
 from eomt.data import synthetic_split_paths
@@ -173,3 +175,106 @@ def test_check_command_reads_the_config(tiny_cfg, own_root, capsys):
     assert "8 images, 7 classes\n" in out and "4 images, 7 classes\n" in out
     assert not check_config_dataset(tiny_cfg(*own(own_root, "semantic", "dataset.classes=no.txt")))
     assert "FAILED: dataset.classes: " in capsys.readouterr().out
+
+
+def test_worked_example_fine_tune_evaluate_predict_and_score(tiny_cfg, own_root, tmp_path, capsys):
+    """datasets/README.md, "Worked example", step by step, with a small model standing in for
+    the COCO release (133 classes, official layout)."""
+    from eomt.interop import official_state_dict
+    from eomt.modeling import build_model
+    from tests.test_run_refusals import train_net
+    from tools import evaluate, predict
+
+    sys.path.insert(0, "datasets")
+    import check_dataset
+
+    sys.path.pop(0)
+    release = build_model(tiny_cfg("model.num_classes=133"))
+    torch.save(official_state_dict(release), tmp_path / "coco_release.bin")
+    cfg = tiny_cfg(
+        *own(own_root, "coco_panoptic"),
+        f"model.weights={tmp_path / 'coco_release.bin'}",
+        "model.weights_strict=false",
+        "solver.max_iter=30",
+        "checkpoint_period=30",
+        "test.score_threshold=0.0",  # a model this short-trained: keep its segments
+        "test.overlap_threshold=0.0",
+        f"output_dir={tmp_path / 'run'}",
+    )
+    config_file = tmp_path / "my_data.yaml"
+    OmegaConf.save(cfg, config_file)
+    args = ["--config-file", str(config_file)]
+
+    # 1. Check; 2. train, told what was loaded.
+    assert check_dataset.main(check_dataset.parse_args(args)) == 0
+    capsys.readouterr()
+    train_net.main(train_net.parse_args(args))
+    out = capsys.readouterr().out
+    total = len(release.state_dict())
+    assert f"loaded {total - 2} of {total} tensors; kept their initialisation" in out
+    assert "class_head: 2 wrong shape: class_head.weight: file (134, 32), model (8, 32)" in out
+
+    # 3. Evaluate the last checkpoint.
+    train_net.main(train_net.parse_args([*args, "--eval-only", "--resume"]))
+    evaluated = json.loads((tmp_path / "run" / "results.json").read_text())["panoptic"]
+    assert evaluated["PQ"] > 0, evaluated
+
+    # 4. Predict new images, named by file stem.
+    new = tmp_path / "new_photos"
+    new.mkdir()
+    shutil.copy(own_root / "holdout" / "photos" / "000002.jpg", new / "street.jpg")
+    weights = str(tmp_path / "run" / "model_0000030.pth")
+    predict.main(
+        predict.parse_args(
+            [
+                "--weights",
+                weights,
+                "--input",
+                str(new),
+                "--output",
+                str(tmp_path / "predictions"),
+                "--quiet",
+            ]
+        )
+    )
+    assert (tmp_path / "predictions" / "panoptic" / "street.png").is_file()
+
+    # 5. Predict the val images with the ground truth's ids and score them: step 3's PQ.
+    holdout = own_root / "holdout"
+    predict.main(
+        predict.parse_args(
+            [
+                "--weights",
+                weights,
+                "--input",
+                str(holdout / "photos"),
+                "--coco-json",
+                str(holdout / "panoptic.json"),
+                "--output",
+                str(tmp_path / "val"),
+                "--batch-size",
+                str(cfg.test.batch_size),
+                "--quiet",
+            ]
+        )
+    )
+    scored = evaluate.main(
+        [
+            "panoptic",
+            "--gt-json",
+            str(holdout / "panoptic.json"),
+            "--gt-dir",
+            str(holdout / "segments"),
+            "--pred-json",
+            str(tmp_path / "val" / "panoptic.json"),
+            "--pred-dir",
+            str(tmp_path / "val" / "panoptic"),
+            "--workers",
+            "0",
+        ]
+    )
+    assert (scored["All"]["PQ"], scored["All"]["SQ"], scored["All"]["RQ"]) == (
+        evaluated["PQ"],
+        evaluated["SQ"],
+        evaluated["RQ"],
+    )
