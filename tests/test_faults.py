@@ -187,7 +187,8 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_cfg, monkeypa
 
     monkeypatch.setattr(checkpoint_module.os, "fdopen", disk_fills_at_iteration_6)
     message = (
-        r"could not write the checkpoint of iteration 6 to .*run \(No space left on device\); "
+        r"could not write the checkpoint of iteration 6 to .*run/model_0000006.pth \(No space left "
+        r"on device\); "
         r"model_0000003.pth is intact"
     )
     with pytest.raises(OSError, match=message):

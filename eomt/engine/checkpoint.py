@@ -76,13 +76,17 @@ def save_training_state(output_dir: str | Path, iteration: int, state: dict) -> 
     """Write `model_{iteration:07d}.pth`, then point `last_checkpoint` at it (for people and
     scripts; resuming looks at the files themselves)."""
     output_dir = Path(output_dir)
-    path = output_dir / f"model_{iteration:07d}.pth"
+    path = checkpoint_path(output_dir, iteration)
     save_atomic(state, path)
     pointer = output_dir / LAST_CHECKPOINT
     tmp = pointer.with_suffix(".tmp")
     tmp.write_text(path.name)
     os.replace(tmp, pointer)
     return path
+
+
+def checkpoint_path(output_dir: str | Path, iteration: int) -> Path:
+    return Path(output_dir) / f"model_{iteration:07d}.pth"
 
 
 def checkpoints_newest_first(output_dir: str | Path) -> list[Path]:

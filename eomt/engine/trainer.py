@@ -27,6 +27,7 @@ from eomt.data.build import build_dataset, build_test_loader, build_train_loader
 from eomt.engine import distributed as dist
 from eomt.engine.annealing import MaskAnnealing
 from eomt.engine.checkpoint import (
+    checkpoint_path,
     checkpoints_newest_first,
     describe_mismatch,
     key_group,
@@ -245,6 +246,7 @@ class Trainer:
     def save(self) -> None:
         if not dist.is_main():
             return
+        path = checkpoint_path(self.output_dir, self.iteration)
         try:
             save_training_state(self.output_dir, self.iteration, self.state_dict())
         except OSError as error:
@@ -252,8 +254,8 @@ class Trainer:
             kept = f"{previous[0].name} is intact" if previous else "there is no earlier one"
             raise OSError(
                 error.errno,
-                f"could not write the checkpoint of iteration {self.iteration} to "
-                f"{self.output_dir} ({error.strerror or error}); {kept}",
+                f"could not write the checkpoint of iteration {self.iteration} to {path} "
+                f"({error.strerror or error}); {kept}",
             ) from error
 
     def check_fresh_output_dir(self) -> None:
