@@ -189,6 +189,7 @@ def test_worked_example_fine_tune_evaluate_predict_and_score(tiny_cfg, own_root,
     import check_dataset
 
     sys.path.pop(0)
+    torch.manual_seed(0)  # the stand-in release, the same whatever ran before
     release = build_model(tiny_cfg("model.num_classes=133"))
     torch.save(official_state_dict(release), tmp_path / "coco_release.bin")
     cfg = tiny_cfg(
