@@ -141,31 +141,24 @@ def test_training_and_evaluation_classes_must_agree(tiny_cfg, own_root, tmp_path
     assert trainer.iteration == 0 and not list(Path(trainer.cfg.output_dir).glob("model_*"))
 
 
-def test_config_keys_of_own_files_are_checked(tiny_cfg, own_root):
-    with pytest.raises(FileNotFoundError, match=r"dataset.train.masks: .*fields/nothing not found"):
-        build_dataset(
-            tiny_cfg(*own(own_root, "coco_panoptic", "dataset.train.masks=fields/nothing")), True
-        )
-    with pytest.raises(
-        ValueError,
-        match=r"dataset.classes: dataset.name coco_panoptic reads no "
-        r"classes \(it reads images, annotations, masks\)",
-    ):
-        build_dataset(
-            tiny_cfg(*own(own_root, "coco_panoptic", "dataset.classes=classes.txt")), False
-        )
-    with pytest.raises(
-        ValueError,
-        match=r"dataset.classes is not set: dataset.name semantic reads "
-        r"your own files",
-    ):
-        build_dataset(tiny_cfg(*own(own_root, "semantic", "dataset.classes=")), False)
-    with pytest.raises(
-        ValueError, match=r"dataset.test.annotations: dataset.name semantic reads no"
-    ):
-        build_dataset(
-            tiny_cfg(*own(own_root, "semantic", "dataset.test.annotations=x.json")), False
-        )
+@pytest.mark.parametrize(
+    "fmt, override, error, message",
+    [
+        ("coco_panoptic", "dataset.train.masks=fields/nothing", FileNotFoundError,
+         r"dataset.train.masks: .*fields/nothing not found"),
+        ("coco_panoptic", "dataset.classes=classes.txt", ValueError,
+         r"dataset.classes: dataset.name coco_panoptic reads no classes \(it reads images, "
+         r"annotations, masks\)"),
+        ("semantic", "dataset.classes=", ValueError,
+         r"dataset.classes is not set: dataset.name semantic reads your own files"),
+        ("semantic", "dataset.test.annotations=x.json", ValueError,
+         r"dataset.test.annotations: dataset.name semantic reads no annotations"),
+    ],
+)  # fmt: skip
+def test_config_keys_of_own_files_are_checked(tiny_cfg, own_root, fmt, override, error, message):
+    cfg = tiny_cfg(*own(own_root, fmt, override))
+    with pytest.raises(error, match=message):
+        build_dataset(cfg, train=override.startswith("dataset.train"))
 
 
 def test_check_command_reads_the_config(tiny_cfg, own_root, capsys):
