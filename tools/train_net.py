@@ -35,7 +35,7 @@ def parse_args(argv=None):
         "--num-gpus", type=int, default=1, help="processes on this machine (one per GPU)"
     )
     parser.add_argument("overrides", nargs="*", help="config overrides: key=value")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides before or after the flags
 
 
 def main(args) -> None:
