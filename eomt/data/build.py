@@ -46,9 +46,14 @@ def build_dataset(cfg, train: bool) -> Dataset:
             color_jitter=cfg.input.color_jitter,
         )
     split = d.train_split if train else d.test_split
-    options = {key: d[key] for key in layout.options}
     given = own_files(cfg, train)
-    return layout(Path(d.root), split, transforms, check_policy(d.bad_samples), given, **options)
+    policy = check_policy(d.bad_samples)
+    return layout(Path(d.root), split, transforms, policy, given, **layout_options(cfg))
+
+
+def layout_options(cfg) -> dict:
+    """The cfg.dataset values the layout's reader takes (`Layout.options`)."""
+    return {key: cfg.dataset[key] for key in DATASET_LAYOUTS[cfg.dataset.name].options}
 
 
 def own_files(cfg, train: bool) -> dict[str, DataPath]:
@@ -90,8 +95,9 @@ def check_config_dataset(cfg, num_samples: int = 2, report=print) -> bool:
         except (FileNotFoundError, ValueError) as error:
             report(f"FAILED: {error}")
             return False
-    options = {key: d[key] for key in DATASET_LAYOUTS[d.name].options}
-    return check_dataset(d.name, d.root, tuple(given), num_samples, report, given, options)
+    return check_dataset(
+        d.name, d.root, tuple(given), num_samples, report, given, layout_options(cfg)
+    )
 
 
 class SeededStream(Dataset):

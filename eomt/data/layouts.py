@@ -33,16 +33,13 @@ ADE20K_FOLDER = "ADEChallengeData2016"
 ADE20K_SPLIT_FOLDERS = {"train": "training", "val": "validation"}
 
 
-PIECES = ("images", "annotations", "masks", "classes")
-
-
 @dataclass(frozen=True)
 class Layout:
     """The pieces of one dataset format and where they lie under a root.
 
-    pieces: the files the format reads, of PIECES: images (a folder), annotations (a COCO
-    JSON), masks (a folder of panoptic segment-id PNGs or semantic label PNGs), classes (a
-    class list). places(split) -> {piece: candidate paths relative to the root, first found
+    pieces: the files the format reads, among images (a folder), annotations (a COCO JSON),
+    masks (a folder of panoptic segment-id PNGs or semantic label PNGs) and classes (a class
+    list). places(split) -> {piece: candidate paths relative to the root, first found
     wins}; None for a format without a place of its own (every piece is given). build({piece:
     DataPath}, transforms, bad_samples="stop", **options) -> the dataset (bad_samples: the
     policy of eomt.data.bad_samples; options: the cfg.dataset keys named in `options`).

@@ -120,10 +120,10 @@ class Trainer:
         fit_num_classes(cfg, self.test_set)
         torch.manual_seed(cfg.seed)
         weights = cfg.model.weights
+        from_file = weights not in ("", RANDOM_WEIGHTS)
         # A full checkpoint to come replaces the backbone's pretrained weights.
-        self.model = build_model(cfg, backbone_weights=weights in ("", RANDOM_WEIGHTS))
-        self.model.to(self.device)
-        if weights not in ("", RANDOM_WEIGHTS):
+        self.model = build_model(cfg, backbone_weights=not from_file).to(self.device)
+        if from_file:
             self._load_weights(weights, cfg.model.weights_strict)
         self.criterion = build_criterion(cfg).to(self.device)
         s = cfg.solver
