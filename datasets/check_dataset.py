@@ -23,15 +23,20 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("name", nargs="?", choices=sorted(DATASET_LAYOUTS), help="dataset layout")
-    parser.add_argument("root", nargs="?", help="dataset root folder")
+    parser.add_argument("arguments", nargs="*", help="NAME ROOT, or with --config-file key=value")
     parser.add_argument("--config-file", help="check the dataset of this config instead")
     parser.add_argument("--splits", nargs="+", default=list(SPLITS), help="splits to check")
     parser.add_argument("--samples", type=int, default=2, help="samples to load per split")
-    parser.add_argument("overrides", nargs="*", default=[], help="config overrides: key=value")
-    args = parser.parse_args(argv)
-    if args.config_file is None and (args.name is None or args.root is None):
-        parser.error("give NAME ROOT, or --config-file")
+    args = parser.parse_intermixed_args(argv)
+    if args.config_file:
+        args.overrides = args.arguments
+    elif len(args.arguments) != 2 or args.arguments[0] not in DATASET_LAYOUTS:
+        parser.error(
+            f"give NAME ROOT (NAME one of {', '.join(sorted(DATASET_LAYOUTS))}), "
+            "or --config-file CFG [key=value ...]"
+        )
+    else:
+        args.name, args.root = args.arguments
     return args
 
 

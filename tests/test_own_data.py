@@ -170,6 +170,23 @@ def test_check_command_reads_the_config(tiny_cfg, own_root, capsys):
     assert "FAILED: dataset.classes: " in capsys.readouterr().out
 
 
+def test_check_command_line_with_config_and_overrides(tiny_cfg, own_root, tmp_path, capsys):
+    sys.path.insert(0, "datasets")
+    import check_dataset
+
+    sys.path.pop(0)
+    config_file = tmp_path / "mine.yaml"
+    OmegaConf.save(tiny_cfg(*own(own_root, "coco_panoptic")), config_file)
+    semantic = [o for o in own(own_root, "semantic") if o.startswith("dataset.")]
+    cleared = ["dataset.train.annotations=", "dataset.test.annotations="]
+    args = ["--config-file", str(config_file), *semantic, *cleared, "--samples", "1"]
+    assert check_dataset.main(check_dataset.parse_args(args)) == 0
+    assert "semantic / train" in capsys.readouterr().out
+    assert check_dataset.main(check_dataset.parse_args(["synthetic_panoptic", str(own_root)])) == 1
+    with pytest.raises(SystemExit):
+        check_dataset.parse_args(["no_such_layout", "root"])
+
+
 def test_worked_example_fine_tune_evaluate_predict_and_score(tiny_cfg, own_root, tmp_path, capsys):
     """datasets/README.md, "Worked example", step by step, with a small model standing in for
     the COCO release (133 classes, official layout)."""
