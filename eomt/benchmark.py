@@ -14,12 +14,11 @@ import math
 import resource
 import time
 import warnings
-from contextlib import nullcontext
 
 import torch
 from torch import nn
 
-from eomt.engine.inference import window_starts
+from eomt.inference import autocast_for, window_starts
 from eomt.modeling import build_model
 
 with warnings.catch_warnings():
@@ -106,10 +105,9 @@ def measure_fps(
         model = torch.compile(model)
     images = torch.rand(input_shape, device=device)
     is_cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else nullcontext()
     if is_cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), autocast_for(device, "bf16"):
         for _ in range(warmup):
             model(images)
         if is_cuda:

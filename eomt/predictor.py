@@ -2,15 +2,12 @@
 
 import glob
 import json
-import os
 import warnings
-from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools import mask as mask_utils
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
@@ -18,10 +15,9 @@ from eomt.data import BadSampleError, BadSampleWarning, load_image
 from eomt.data.categories import ade20k_categories, cityscapes_categories
 from eomt.data.images import IMAGE_SUFFIXES, rgb_pixels
 from eomt.engine.checkpoint import load_model
-from eomt.engine.inference import TASKS, autocast_for, infer, resize_and_pad, restore_logits
-from eomt.evaluation.panoptic_io import id_to_rgb
-from eomt.pictures import draw_instances, draw_query_masks, draw_semantic
-from eomt.visualize import draw_panoptic
+from eomt.inference import autocast_for, resize_and_pad, restore_logits, to_uint8
+from eomt.pictures import draw_query_masks
+from eomt.tasks import get_task, infer
 
 NAMED_CATEGORIES = {
     "ade20k": lambda: ade20k_categories(with_things=False),
@@ -156,32 +152,10 @@ class Predictor:
 
     def predict(self, images: list, task: str | None = None) -> list:
         """Results for a batch of images (see the class docstring) of any sizes."""
-        task = task or self.cfg.task
-        if task not in TASKS:
-            raise ValueError(f"unknown task '{task}', expected one of {TASKS}")
+        task = get_task(task or self.cfg.task)
         tensors = [as_image_tensor(image) for image in images]
-        results = infer(self.model, tensors, self.cfg, self.categories, [task])
-        return [self._with_category_ids(task, result[task]) for result in results]
-
-    def _with_category_ids(self, task: str, result):
-        """Post-processing's result (contiguous labels, as the evaluators take them) -> the
-        public one, which also names each class by the dataset's category id."""
-        if task == "panoptic":
-            seg, segments = result
-            return seg, [
-                {
-                    "id": segment["id"],
-                    "label": segment["category_id"],
-                    "category_id": self.categories[segment["category_id"]]["id"],
-                    "isthing": segment["isthing"],
-                    "score": segment["score"],
-                }
-                for segment in segments
-            ]
-        if task == "instance":
-            ids = torch.tensor([c["id"] for c in self.categories], device=result["labels"].device)
-            return {**result, "category_ids": ids[result["labels"]]}
-        return result
+        results = infer(self.model, tensors, self.cfg, self.categories, [task.name])
+        return [task.public(result[task.name], self.categories) for result in results]
 
     @torch.no_grad()
     def query_predictions(self, image, num_queries: int = 4):
@@ -216,11 +190,6 @@ class Predictor:
         first = len(model.backbone.blocks) - model.num_query_blocks
         names = [f"block {first + i}" for i in range(len(predictions) - 1)] + ["final"]
         return masks, classes, queries, names
-
-
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """Float image (3, H, W) in [0, 1] -> uint8 (H, W, 3)."""
-    return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
@@ -269,6 +238,7 @@ def write_predictions(
     progress: bool = True,
     bad_images: str = "stop",
     images: list[dict] | None = None,
+    on_batch=None,
 ) -> dict[str, Path]:
     """Predict `paths` in batches and write, under `output_dir`:
 
@@ -292,7 +262,8 @@ def write_predictions(
     An output that cannot be written (a full disk) stops the run with an OSError naming it:
     that image's files are removed and the JSON file holds the images completed before it
     (`StreamedJson` keeps the room to complete it). Returns the paths of the files other than
-    per-image ones.
+    per-image ones. `on_batch(images done, results)`, if given, sees each batch's results once
+    written (for benchmarks).
     """
     if bad_images not in ("stop", "skip"):
         raise ValueError(f"bad_images must be 'stop' or 'skip', got {bad_images!r}")
@@ -302,29 +273,15 @@ def write_predictions(
         )
     if images is not None and len(images) != len(paths):
         raise ValueError(f"{len(images)} image entries for {len(paths)} paths")
-    task = task or predictor.cfg.task
+    task = get_task(task or predictor.cfg.task)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    folders = {"panoptic": "panoptic", "semantic": "semantic"}
-    if task in folders:
-        (output_dir / folders[task]).mkdir(parents=True, exist_ok=True)
-    if overlay:
-        (output_dir / "overlay").mkdir(parents=True, exist_ok=True)
-    if show_queries:
-        (output_dir / "queries").mkdir(parents=True, exist_ok=True)
+    for folder in (task.folder, overlay and "overlay", show_queries and "queries"):
+        if folder:
+            (output_dir / folder).mkdir(parents=True, exist_ok=True)
     # Results go to disk as they come, not into lists: memory stays flat over any number of
     # images (tests/test_memory.py).
-    if task == "panoptic":
-        json_file = StreamedJson(
-            output_dir / "panoptic.json",
-            "annotations",
-            ("images",),
-            {"categories": predictor.categories},
-        )
-    elif task == "instance":
-        json_file = StreamedJson(output_dir / "instances.json")
-    else:
-        json_file = None
+    json_file = task.open_json(output_dir, predictor.categories)
     file_names = [image["file_name"] for image in images] if images else [p.name for p in paths]
     names = unique_stems([Path(file_name) for file_name in file_names])
     image_ids = [image["id"] for image in images] if images else names
@@ -342,7 +299,7 @@ def write_predictions(
                         raise
                     warnings.warn(f"image left out: {error}", BadSampleWarning, stacklevel=2)
                     skipped.append(str(error))
-            results = predictor.predict(batch, task) if batch else []
+            results = predictor.predict(batch, task.name) if batch else []
             for index, image, result in zip(indices, batch, results):
                 pngs, entries = _image_outputs(
                     predictor,
@@ -358,6 +315,8 @@ def write_predictions(
                 _write_image(output_dir, names[index], pngs, json_file, entries)
                 completed += 1
             bar.update(min(batch_size, len(paths) - start))
+            if on_batch is not None:
+                on_batch(min(start + batch_size, len(paths)), results)
     except BadSampleError as error:
         if json_file is not None:  # what was predicted before it is kept
             json_file.close()
@@ -394,34 +353,12 @@ def write_predictions(
 def _image_outputs(
     predictor, task, image, result, info, name, overlay, show_queries, score_threshold
 ) -> tuple[list, dict]:
-    """One image's PNGs, as (folder, function giving the pixels) pairs drawn only when written,
-    and its JSON entries ({list key: items}, see `StreamedJson.add`)."""
+    """One image's PNGs and JSON entries (see `Task.image_outputs`), with the queries' picture."""
     categories = predictor.categories
     picture = to_uint8(image)
-    pngs, entries = [], {}
-    if task == "panoptic":
-        seg, segments = result[0].cpu().numpy(), result[1]
-        height, width = seg.shape
-        entries = {
-            "annotations": [_panoptic_annotation(info["id"], name, seg, segments)],
-            "images": [{**info, "height": height, "width": width}],
-        }
-        pngs.append(("panoptic", partial(id_to_rgb, seg)))
-        if overlay:  # the drawing code reads a segment's "category_id" as its label
-            by_label = [{**segment, "category_id": segment["label"]} for segment in segments]
-            pngs.append(("overlay", partial(draw_panoptic, picture, seg, by_label, categories)))
-    elif task == "semantic":
-        labels = result.cpu().numpy()
-        dtype = np.uint8 if len(categories) <= 255 else np.uint16
-        pngs.append(("semantic", partial(labels.astype, dtype)))
-        if overlay:
-            pngs.append(("overlay", partial(draw_semantic, picture, labels, categories)))
-    else:
-        result = {key: value.cpu() for key, value in result.items()}
-        entries = {None: _instance_annotations(info["id"], result)}
-        if overlay:
-            drawing = partial(draw_instances, picture, result, categories, score_threshold)
-            pngs.append(("overlay", drawing))
+    pngs, entries = task.image_outputs(
+        picture, result, info, name, categories, overlay, score_threshold
+    )
     if show_queries:
         pngs.append(
             (
@@ -462,181 +399,3 @@ def _write_image(output_dir: Path, name: str, pngs: list, json_file, entries: di
 
 def _save_png(path: Path, pixels: np.ndarray) -> None:
     Image.fromarray(pixels).save(path)
-
-
-# Room kept beyond the bytes that closing a StreamedJson appends: file systems allocate whole
-# blocks (up to 64 KiB), so n bytes freed in one file may hold fewer in another.
-RESERVE_MARGIN = 128 << 10
-
-
-class StreamedJson:
-    """A JSON file written as its list items come, without keeping them: byte for byte what
-    `json.dump` writes of the whole, a list (`key` None) or an object of the list `key`, the
-    lists `side_keys` and the `members` (JSON values known from the start), in that order.
-
-    The items of `key` go straight into a temporary beside `path`, those of each side list into
-    a part file; `close` appends the side lists and `members` and renames the temporary to
-    `path`, which appears only then (an interrupted run leaves no truncated file). Writes are
-    unbuffered, so what is on disk is known: an `add` that fails (a full disk) is truncated
-    away and the file still closes into the items added before it. A reserve file as large as
-    what closing appends (plus RESERVE_MARGIN), grown with the side lists, is deleted just
-    before closing: closing needs no free space.
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        key: str | None = None,
-        side_keys: tuple[str, ...] = (),
-        members: dict | None = None,
-    ):
-        if key is None and (side_keys or members):
-            raise ValueError("StreamedJson: a file that is one list has no other members")
-        self.path, self.key, self.side_keys = Path(path), key, side_keys
-        self._members = "".join(
-            f", {json.dumps(name)}: {json.dumps(value)}" for name, value in (members or {}).items()
-        )
-        self._paths = {
-            key: self.path.with_name(self.path.name + ".partial"),
-            **{side: self.path.with_name(f"{self.path.name}.{side}.part") for side in side_keys},
-        }
-        self._reserve_path = self.path.with_name(self.path.name + ".reserve")
-        self._files, self._reserve, self._reserve_size = {}, None, 0
-        self._sizes, self._counts = dict.fromkeys(self._paths, 0), dict.fromkeys(self._paths, 0)
-        try:
-            for name, part in self._paths.items():
-                self._files[name] = open(part, "wb", buffering=0)
-            self._reserve = open(self._reserve_path, "wb", buffering=0)
-            self._append(key, ("[" if key is None else f"{{{json.dumps(key)}: [").encode())
-            self._grow_reserve(self._closing_size() + RESERVE_MARGIN)
-        except BaseException:
-            self.discard()
-            raise
-
-    def add(self, items: dict) -> None:
-        """Append items to their lists ({key: [item, ...]}, None the key of a file that is one
-        list): all of them, or on an error none."""
-        texts = {
-            key: ((", " if self._counts[key] else "") + ", ".join(map(json.dumps, values))).encode()
-            for key, values in items.items()
-            if values
-        }
-        sizes, reserve_size = dict(self._sizes), self._reserve_size
-        try:
-            for key, text in texts.items():
-                self._append(key, text)
-            self._grow_reserve(sum(len(text) for key, text in texts.items() if key != self.key))
-        except BaseException:
-            for name, size in sizes.items():
-                _truncate(self._files[name], size)
-            _truncate(self._reserve, reserve_size)
-            self._sizes, self._reserve_size = sizes, reserve_size
-            raise
-        for key, values in items.items():
-            self._counts[key] += len(values)
-
-    def close(self) -> Path:
-        """Complete `path` and remove the temporary files; returns `path`."""
-        try:
-            self._reserve.close()
-            self._reserve_path.unlink()
-            self._append(self.key, b"]")
-            for side in self.side_keys:
-                self._append(self.key, f", {json.dumps(side)}: [".encode())
-                self._files[side].close()
-                with open(self._paths[side], "rb") as part:
-                    while chunk := part.read(1 << 20):
-                        self._append(self.key, chunk)
-                self._append(self.key, b"]")
-            if self.key is not None:
-                self._append(self.key, f"{self._members}}}".encode())
-            self._files[self.key].close()
-            os.replace(self._paths[self.key], self.path)
-        finally:
-            self.discard()
-        return self.path
-
-    def discard(self) -> None:
-        """Close and remove the temporary files."""
-        for name, file in self._files.items():
-            file.close()
-            self._paths[name].unlink(missing_ok=True)
-        if self._reserve is not None:
-            self._reserve.close()
-            self._reserve_path.unlink(missing_ok=True)
-
-    def _closing_size(self) -> int:
-        """The bytes `close` appends besides the items of the side lists."""
-        if self.key is None:
-            return len(b"]")
-        lists = "".join(f", {json.dumps(side)}: []" for side in self.side_keys)
-        return len(f"]{lists}{self._members}}}".encode())
-
-    def _append(self, key, data: bytes) -> None:
-        _write_all(self._files[key], data)
-        self._sizes[key] += len(data)
-
-    def _grow_reserve(self, size: int) -> None:
-        # Random bytes: a compressing file system would store zeros in no space.
-        _write_all(self._reserve, os.urandom(size))
-        self._reserve_size += size
-
-
-def _write_all(file, data: bytes) -> None:
-    """Write all of `data` to an unbuffered file (a raw write may write part of it)."""
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[file.write(view) :]
-    except OSError as error:
-        raise OSError(error.errno, error.strerror, file.name) from error
-
-
-def _truncate(file, size: int) -> None:
-    file.truncate(size)
-    file.seek(size)
-
-
-def _score(value: float) -> float:
-    """9 significant digits: every float32 score keeps its own value, so the ranking of the
-    JSON file is the model's (ties included) and its AP that of an evaluation in memory."""
-    return float(f"{value:.9g}")
-
-
-def _panoptic_annotation(image_id, name, seg, segments) -> dict:
-    info = []
-    for segment in segments:
-        mask = seg == segment["id"]
-        ys, xs = np.nonzero(mask)
-        if ys.size == 0:
-            continue
-        info.append(
-            {
-                "id": int(segment["id"]),
-                "category_id": segment["category_id"],
-                "iscrowd": 0,
-                "area": int(ys.size),
-                "bbox": [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1],
-                "score": _score(segment["score"]),
-            }
-        )
-    return {"image_id": image_id, "file_name": f"{name}.png", "segments_info": info}
-
-
-def _instance_annotations(image_id, result) -> list[dict]:
-    masks = np.asfortranarray(result["masks"].numpy().transpose(1, 2, 0).astype(np.uint8))
-    rles = mask_utils.encode(masks) if len(result["scores"]) else []
-    annotations = []
-    for rle, score, category_id in zip(
-        rles, result["scores"].tolist(), result["category_ids"].tolist()
-    ):
-        annotations.append(
-            {
-                "image_id": image_id,
-                "category_id": category_id,
-                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                "bbox": [round(v, 2) for v in mask_utils.toBbox(rle).tolist()],
-                "score": _score(score),
-            }
-        )
-    return annotations

@@ -1,7 +1,6 @@
 import json
 import math
 import re
-import sys
 
 import numpy as np
 import pytest
@@ -9,13 +8,9 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from eomt.evaluation import PanopticEvaluator
+from eomt.evaluation.files import json_ready
 from eomt.evaluation.panoptic_io import write_panoptic_png
-
-sys.path.insert(0, "tools")
-try:
-    import evaluate
-finally:
-    sys.path.pop(0)
+from tools import evaluate
 
 CATEGORIES = [
     {"id": 1, "name": "person", "isthing": 1},
@@ -423,7 +418,7 @@ def test_instance_results_named_by_file_stem_say_how_to_predict(tmp_path):
 
 
 def test_json_output_has_no_nan():
-    assert evaluate._json_ready({"a": [math.nan, 1.0], "b": {"c": math.nan}}) == {
+    assert json_ready({"a": [math.nan, 1.0], "b": {"c": math.nan}}) == {
         "a": [None, 1.0],
         "b": {"c": None},
     }

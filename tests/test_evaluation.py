@@ -23,9 +23,9 @@ from eomt.evaluation import (
     masks_to_panoptic,
     masks_to_semantic,
 )
-from eomt.evaluation.instance import SUMMARY_KEYS
+from eomt.evaluation.instance import COCO_STATS
 from eomt.evaluation.panoptic_io import id_to_rgb, read_panoptic_png, write_panoptic_png
-from eomt.visualize import draw_panoptic, side_by_side, upscale_factor
+from eomt.pictures import draw_panoptic, side_by_side, upscale_factor
 
 CATEGORIES = [
     {"id": 1, "name": "person", "isthing": 1, "color": [220, 20, 60]},
@@ -631,7 +631,7 @@ def test_instance_ap_equals_cocoeval_run_on_json_files(tmp_path):
         coco_eval.summarize()
     ours = evaluator.evaluate()
     expected = [100 * value if value >= 0 else float("nan") for value in coco_eval.stats]
-    assert [ours[key] for key in SUMMARY_KEYS] == pytest.approx(expected, nan_ok=True)
+    assert [ours[key] for key in COCO_STATS] == pytest.approx(expected, nan_ok=True)
     assert 0 < ours["AP"] < 100
 
 

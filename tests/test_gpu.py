@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eomt.engine.inference import predict_logits
+from eomt.inference import predict_logits
 from tests.test_model import tiny_eomt
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

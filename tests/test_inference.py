@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from eomt.engine.inference import (
+from eomt.evaluation import semantic_inference
+from eomt.inference import (
     predict_logits,
     predict_semantic_windows,
     resize_and_pad,
     window_starts,
 )
-from eomt.evaluation import semantic_inference
 from eomt.modeling import EoMT, build_vit
 
 

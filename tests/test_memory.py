@@ -26,10 +26,12 @@ from PIL import Image
 
 from eomt.data import collate
 from eomt.data.build import build_dataset
-from eomt.engine import inference
 from eomt.evaluation import InstanceEvaluator, PanopticEvaluator, masks_to_panoptic
 from eomt.modeling import build_model
-from eomt.predictor import RESERVE_MARGIN, Predictor, StreamedJson, unique_stems, write_predictions
+from eomt.predictor import Predictor, unique_stems, write_predictions
+from eomt.streamed_json import RESERVE_MARGIN, StreamedJson
+from eomt.tasks import infer
+from eomt.tasks.evaluate import build_evaluators, evaluate
 
 FIRST, LAST = 40, 160  # images; the batch size divides both
 IMAGES = LAST - FIRST
@@ -100,31 +102,31 @@ def _batches(items, snapshots: dict, last: int):
         yield images, targets
 
 
-def _evaluate(setup, metrics, monkeypatch, last: int = LAST) -> tuple[dict, dict]:
+def _evaluate(setup, metrics, last: int = LAST, on_image=None) -> tuple[dict, dict]:
     """Growth from image FIRST to image `last` of `evaluate`, and the evaluators it used."""
     cfg, model, categories, items = setup
     cfg.test.metrics = metrics
-    used = {}
-    build_evaluators = inference.build_evaluators
-
-    def keep_evaluators(*args, **kwargs):
-        used.update(build_evaluators(*args, **kwargs))
-        return used
-
-    monkeypatch.setattr(inference, "build_evaluators", keep_evaluators)
+    used = build_evaluators(metrics, categories, cfg.test)
     snapshots = {}
     tracemalloc.start()
     try:
-        inference.evaluate(
-            model, _batches(items, snapshots, last), cfg, categories, None, show=False
+        evaluate(
+            model,
+            _batches(items, snapshots, last),
+            cfg,
+            categories,
+            None,
+            show=False,
+            evaluators=used,
+            on_image=on_image,
         )
     finally:
         tracemalloc.stop()
     return _growth(snapshots), used
 
 
-def test_panoptic_and_semantic_evaluation_keep_sums_only(setup, monkeypatch):
-    growth, evaluators = _evaluate(setup, ["panoptic", "semantic"], monkeypatch)
+def test_panoptic_and_semantic_evaluation_keep_sums_only(setup):
+    growth, evaluators = _evaluate(setup, ["panoptic", "semantic"])
     panoptic = evaluators["panoptic"]
     predicted = panoptic.true_positives.sum() + panoptic.false_positives.sum()
     assert predicted > LAST, "the random model predicts segments"
@@ -136,7 +138,7 @@ def test_panoptic_and_semantic_evaluation_keep_sums_only(setup, monkeypatch):
 def test_instance_evaluation_keeps_one_compact_rle_per_mask(setup, monkeypatch):
     # COCOeval at the end takes seconds and is tested in test_evaluation.py.
     monkeypatch.setattr(InstanceEvaluator, "evaluate", lambda self: {})
-    growth, evaluators = _evaluate(setup, ["instance"], monkeypatch)
+    growth, evaluators = _evaluate(setup, ["instance"])
     kept = evaluators["instance"].images[FIRST:LAST]
     masks = sum(len(image.gt_rles) + len(image.pred_rles) for image in kept)
     rle_bytes = sum(len(rle) for image in kept for rle in image.gt_rles + image.pred_rles)
@@ -152,16 +154,11 @@ def test_instance_evaluation_keeps_one_compact_rle_per_mask(setup, monkeypatch):
     )
 
 
-def test_the_measurement_sees_results_kept_per_image(setup, monkeypatch):
-    kept, infer = [], inference.infer
-
-    def keeping_infer(*args, **kwargs):
-        results = infer(*args, **kwargs)
-        kept.extend(results)
-        return results
-
-    monkeypatch.setattr(inference, "infer", keeping_infer)
-    growth, _ = _evaluate(setup, ["panoptic"], monkeypatch, last=LEAK_LAST)
+def test_the_measurement_sees_results_kept_per_image(setup):
+    kept = []
+    growth, _ = _evaluate(
+        setup, ["panoptic"], last=LEAK_LAST, on_image=lambda results, _: kept.append(results)
+    )
     assert growth["tensors"] >= LEAK_IMAGES and growth["objects"] >= LEAK_IMAGES
 
 
@@ -173,7 +170,7 @@ def test_the_measurement_sees_statistics_kept_per_image(setup, monkeypatch):
         add(self, stats)
 
     monkeypatch.setattr(PanopticEvaluator, "_add", keeping_add)
-    growth, _ = _evaluate(setup, ["panoptic"], monkeypatch, last=LEAK_LAST)
+    growth, _ = _evaluate(setup, ["panoptic"], last=LEAK_LAST)
     assert growth["objects"] >= LEAK_IMAGES
 
 
@@ -185,14 +182,14 @@ def test_the_measurement_sees_a_dense_mask_kept_per_image(setup, monkeypatch):
         process(self, pred_seg, *args, **kwargs)
 
     monkeypatch.setattr(PanopticEvaluator, "process", keeping_process)
-    growth, _ = _evaluate(setup, ["panoptic"], monkeypatch, last=LEAK_LAST)
+    growth, _ = _evaluate(setup, ["panoptic"], last=LEAK_LAST)
     assert growth["bytes"] > 64 * IMAGES + NOISE_BYTES  # the bound of a full window
 
 
 def test_pq_pool_keeps_at_most_twice_its_workers_in_flight(setup):
     cfg, model, categories, items = setup
     image, target = items[0]
-    seg, segments = inference.infer(model, [image], cfg, categories, ["panoptic"])[0]["panoptic"]
+    seg, segments = infer(model, [image], cfg, categories, ["panoptic"])[0]["panoptic"]
     is_thing = [c["isthing"] for c in categories]
     gt = masks_to_panoptic(target["masks"], target["labels"], target["is_crowd"], is_thing)
     pooled, alone = PanopticEvaluator(categories, workers=1), PanopticEvaluator(categories, 0)
@@ -284,7 +281,7 @@ def test_streamed_json_is_what_json_dump_writes(tmp_path):
 def test_instance_state_is_compact(setup):
     cfg, model, categories, items = setup
     image, target = items[0]
-    result = inference.infer(model, [image], cfg, categories, ["instance"])[0]["instance"]
+    result = infer(model, [image], cfg, categories, ["instance"])[0]["instance"]
     evaluator = InstanceEvaluator(categories)
     evaluator.process(0, target, result)
     (kept,) = evaluator.state()

@@ -2,7 +2,6 @@
 
 import errno
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -10,10 +9,11 @@ import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from eomt import predictor as predictor_module
+from eomt import streamed_json
 from eomt.data import BadSampleError, BadSampleWarning, synthetic_split_paths
 from eomt.engine.checkpoint import save_weights
 from eomt.engine.trainer import Trainer
+from eomt.evaluation.instance import COCO_STATS
 from eomt.evaluation.panoptic_io import read_panoptic_png
 from eomt.predictor import (
     ACCEPTED_IMAGES,
@@ -24,14 +24,9 @@ from eomt.predictor import (
     unique_stems,
     write_predictions,
 )
+from eomt.tasks import instance, panoptic
 from tests.test_interop import CLASSES, L2, tiny_model
 from tools.predict import main, parse_args
-
-sys.path.insert(0, "tools")
-try:
-    import evaluate
-finally:
-    sys.path.pop(0)
 
 CATEGORIES = [
     {"id": 10 + i, "name": f"class{i}", "isthing": int(i < 3), "color": [40 * i, 200, 90]}
@@ -349,21 +344,21 @@ def test_predict_then_evaluate_equals_the_trainers_evaluation(tiny_cfg, syntheti
         run(weights, val["image_dir"], tmp_path / task, "--coco-json", str(gt_json),
             "--task", task, "--batch-size", str(cfg.test.batch_size), "--no-overlay",
             "--device", "cpu")  # fmt: skip
-    panoptic = evaluate.evaluate_panoptic(
+    panoptic_scores = panoptic.evaluate_files(
         val["panoptic_json"],
         val["panoptic_png_dir"],
         tmp_path / "panoptic" / "panoptic.json",
         tmp_path / "panoptic" / "panoptic",
         workers=0,
     )
-    instance, _ = evaluate.evaluate_instance(
+    instance_scores, _ = instance.evaluate_files(
         val["instance_json"], tmp_path / "instance" / "instances.json"
     )
-    assert {key: panoptic["All"][key] for key in ("PQ", "SQ", "RQ")} == {
+    assert {key: panoptic_scores["All"][key] for key in ("PQ", "SQ", "RQ")} == {
         key: trained["panoptic"][key] for key in ("PQ", "SQ", "RQ")
     }
-    keys = evaluate.SUMMARY_KEYS
-    assert [instance[key] for key in keys] == pytest.approx(
+    keys = COCO_STATS
+    assert [instance_scores[key] for key in keys] == pytest.approx(
         [trained["instance"][key] for key in keys], rel=0, abs=0, nan_ok=True
     )
 
@@ -418,7 +413,7 @@ def test_full_disk_at_a_json_append_keeps_the_images_before(
     """The entries of image b go in, half of one write lands, the disk is full: the JSON
     closes into image a's entries alone."""
     out = tmp_path / "out"
-    write_all = predictor_module._write_all
+    write_all = streamed_json._write_all
 
     def write_until_full(file, data):
         writing_b = (out / "overlay" / "b.png").exists()
@@ -427,7 +422,7 @@ def test_full_disk_at_a_json_append_keeps_the_images_before(
             raise _no_space(file.name)
         write_all(file, data)
 
-    monkeypatch.setattr(predictor_module, "_write_all", write_until_full)
+    monkeypatch.setattr(streamed_json, "_write_all", write_until_full)
     json_name = {"panoptic": "panoptic.json", "instance": "instances.json"}[task]
     message = rf"could not write .*{json_name} \(No space left on device\); .*{json_name} holds "
     with pytest.raises(OSError, match=message + "the 1 images completed before it"):

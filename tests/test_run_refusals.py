@@ -2,18 +2,12 @@
 evaluate a model that loaded nothing, stops and says why, and a run never writes over another's
 checkpoints."""
 
-import sys
-
 import pytest
 from omegaconf import OmegaConf
 
 from eomt.engine.checkpoint import read_checkpoint, save_weights
 from eomt.engine.trainer import Trainer
-
-sys.path.insert(0, "tools")
-import train_net  # noqa: E402
-
-sys.path.pop(0)
+from tools import train_net
 
 
 def trained(tiny_cfg, *overrides) -> Trainer:

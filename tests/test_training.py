@@ -1,5 +1,4 @@
 import json
-import sys
 
 import pytest
 import torch
@@ -101,11 +100,8 @@ def test_overfits_a_few_images(tiny_cfg, tmp_path):
 
 
 def test_command_line_train_then_eval_only(tiny_cfg, tmp_path, capsys):
-    sys.path.insert(0, "tools")
-    try:
-        import train_net
-    finally:
-        sys.path.pop(0)
+    from tools import train_net
+
     cfg = tiny_cfg("solver.max_iter=2")
     config_file = tmp_path / "tiny.yaml"
     OmegaConf.save(cfg, config_file)

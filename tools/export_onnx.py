@@ -4,7 +4,7 @@
     python tools/export_onnx.py --weights pytorch_model.bin --output eomt.onnx --image photo.jpg
 
 The graph takes images (B, 3, H, W) in [0, 1] at the model's input size (resize and pad them
-as eomt.engine.inference.resize_and_pad does) and returns the final `mask_logits`
+as eomt.inference.resize_and_pad does) and returns the final `mask_logits`
 (B, K, H/4, W/4) and `class_logits` (B, K, C+1), with masked attention off as at inference.
 Post-processing stays in Python: eomt.evaluation.postprocess takes these logits. The check runs
 a random input and a real-looking one (--image, or a synthetic scene) through both and fails
@@ -21,7 +21,7 @@ from torch import nn
 from eomt.data import load_image
 from eomt.data.synthetic import render_sample
 from eomt.engine.checkpoint import load_model
-from eomt.engine.inference import resize_and_pad
+from eomt.inference import resize_and_pad
 
 OUTPUT_NAMES = ("mask_logits", "class_logits")
 

@@ -11,7 +11,7 @@ Multi-node: start one process per GPU with torchrun (it sets WORLD_SIZE, RANK, L
 import argparse
 
 from eomt.config import get_cfg
-from eomt.engine.distributed import launch
+from eomt.distributed import launch
 from eomt.engine.trainer import Trainer
 
 

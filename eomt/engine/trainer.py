@@ -22,9 +22,9 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from eomt import distributed as dist
 from eomt.config import ConfigError
 from eomt.data.build import build_dataset, build_test_loader, build_train_loader
-from eomt.engine import distributed as dist
 from eomt.engine.annealing import MaskAnnealing
 from eomt.engine.checkpoint import (
     checkpoint_path,
@@ -37,16 +37,11 @@ from eomt.engine.checkpoint import (
     remove_partial_checkpoints,
     save_training_state,
 )
-from eomt.engine.inference import (
-    autocast_for,
-    evaluate,
-    scalar_metrics,
-    summary_line,
-    write_metrics,
-)
 from eomt.engine.solver import build_lr_scheduler, build_optimizer
-from eomt.modeling import build_model
-from eomt.modeling.criterion import MaskClassificationLoss
+from eomt.inference import amp_on, autocast_for
+from eomt.modeling import build_criterion, build_model
+from eomt.tasks import summary_line
+from eomt.tasks.evaluate import evaluate
 
 RANDOM_WEIGHTS = "random"  # model.weights: no checkpoint, on purpose
 
@@ -92,20 +87,6 @@ def accumulation_steps(cfg, world: int) -> int:
     return cfg.solver.batch_size // per_step
 
 
-def build_criterion(cfg) -> MaskClassificationLoss:
-    loss = cfg.loss
-    return MaskClassificationLoss(
-        num_classes=cfg.model.num_classes,
-        class_weight=loss.class_weight,
-        mask_weight=loss.mask_weight,
-        dice_weight=loss.dice_weight,
-        no_object_weight=loss.no_object_weight,
-        num_points=loss.num_points,
-        oversample_ratio=loss.oversample_ratio,
-        importance_sample_ratio=loss.importance_sample_ratio,
-    )
-
-
 class Trainer:
     def __init__(self, cfg):
         self.cfg = cfg
@@ -132,7 +113,7 @@ class Trainer:
             self.optimizer, s.max_iter, s.warmup_iters, s.poly_power
         )
         self.annealing = MaskAnnealing.from_cfg(cfg) if cfg.model.masked_attn == "anneal" else None
-        self.amp = s.amp if self.device.type == "cuda" else "none"
+        self.amp = amp_on(self.device, s.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.categories = self.test_set.categories  # saved with the weights
 
@@ -362,7 +343,9 @@ class Trainer:
                     record["attn_mask_probs"] = self.model.attn_mask_probs.tolist()
                 if self.skipped_steps:
                     record["skipped_steps"] = self.skipped_steps
-                if skipped_samples := self._sum_over_processes(len(train_loader.skipped)):
+                if skipped_samples := dist.sum_over_processes(
+                    len(train_loader.skipped), self.device
+                ):
                     record["skipped_samples"] = skipped_samples  # since this (re)start
                 progress.set_postfix(loss=f"{losses['loss']:.3f}")
                 self._log(metrics_file, record, wandb_run)
@@ -404,7 +387,8 @@ class Trainer:
                 self.scaler.scale(losses["loss"] / accumulation).backward()
             for key, value in losses.items():
                 totals[key] = totals.get(key, 0.0) + value.item() / accumulation
-        totals = self._mean_over_processes(totals)
+        # The loss terms of the whole step, logged and checked alike by every process.
+        totals = dist.mean_over_processes(totals, self.device)
         if not math.isfinite(totals["loss"]):
             self._nonfinite_loss(totals)
             return totals
@@ -421,22 +405,7 @@ class Trainer:
         normaliser of every micro-batch's mask losses, as one batch of the whole step would
         have (Mask2Former normalises by the mean over processes)."""
         count = sum(t["labels"].numel() for _, targets in batches for t in targets)
-        return max(self._sum_over_processes(count) / micro_batches, 1.0)
-
-    def _sum_over_processes(self, count: int) -> int:
-        if dist.world_size() == 1:
-            return count
-        count = torch.tensor(count, device=self.device)
-        torch.distributed.all_reduce(count)
-        return int(count.item())
-
-    def _mean_over_processes(self, totals: dict) -> dict:
-        """The loss terms of the whole step, logged and checked alike by every process."""
-        if dist.world_size() == 1:
-            return totals
-        values = torch.tensor(list(totals.values()), dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(values)
-        return dict(zip(totals, (values / dist.world_size()).tolist()))
+        return max(dist.sum_over_processes(count, self.device) / micro_batches, 1.0)
 
     def _nonfinite_loss(self, totals: dict) -> None:
         """A step whose loss is not finite on some process: stop, or (solver.nonfinite_loss
@@ -477,7 +446,7 @@ class Trainer:
             show=dist.is_main(),
         )
         if dist.is_main():
-            record = {"iteration": self.iteration, **scalar_metrics(results)}
+            record = {"iteration": self.iteration, **_scalar_metrics(results)}
             if metrics_file is not None:
                 self._log(metrics_file, record, wandb_run)
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -494,7 +463,8 @@ class Trainer:
             k: None if isinstance(v, float) and not math.isfinite(v) else v
             for k, v in record.items()
         }
-        write_metrics(metrics_file, record)
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(record) + "\n")
         if wandb_run is not None:
             wandb_run.log(
                 {k: v for k, v in record.items() if k != "iteration"}, step=record["iteration"]
@@ -540,3 +510,13 @@ def _jsonable(value):
     if hasattr(value, "tolist"):
         return value.tolist()
     return value
+
+
+def _scalar_metrics(metrics: dict) -> dict:
+    """Flat {task/key: float} of the scalar results, for logs."""
+    return {
+        f"{task}/{key}": float(value)
+        for task, results in metrics.items()
+        for key, value in results.items()
+        if isinstance(value, (int, float))
+    }

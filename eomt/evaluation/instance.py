@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import sys
 from typing import NamedTuple
 
 import numpy as np
@@ -9,11 +10,12 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from eomt.evaluation.semantic import gather_states, to_numpy
+from eomt.distributed import gather_objects
+from eomt.evaluation.semantic import to_numpy
 
 # COCOeval.stats in order: AP over IoU 0.5:0.95, at 0.5, at 0.75, for small / medium / large
 # objects, then AR for 1 / 10 / 100 detections per image and for small / medium / large objects.
-SUMMARY_KEYS = (
+COCO_STATS = (
     *("AP", "AP50", "AP75", "APs", "APm", "APl"),
     *("AR1", "AR10", "AR100", "ARs", "ARm", "ARl"),
 )
@@ -174,9 +176,32 @@ class InstanceEvaluator:
             print(summary)
         return results
 
+    def kept_bytes(self) -> dict:
+        """What the evaluator holds per image (its records, RLE strings and arrays), for the
+        memory benchmark (tools/benchmark_memory.py)."""
+        images = self.images
+        total = sys.getsizeof(images)
+        masks = 0
+        for image in images:
+            total += (
+                sys.getsizeof(image) + sys.getsizeof(image.gt_rles) + sys.getsizeof(image.pred_rles)
+            )
+            total += sum(map(sys.getsizeof, image.gt_rles + image.pred_rles))
+            arrays = (image.gt_labels, image.gt_crowd, image.pred_scores, image.pred_labels)
+            total += sum(map(sys.getsizeof, arrays))
+            masks += len(image.gt_rles) + len(image.pred_rles)
+        count = max(len(images), 1)
+        return {
+            "kept_bytes_per_image": round(total / count),
+            "kept_masks_per_image": round(masks / count, 1),
+            "kept_rle_bytes_per_mask": round(
+                sum(len(rle) for i in images for rle in i.gt_rles + i.pred_rles) / max(masks, 1)
+            ),
+        }
+
     def evaluate(self) -> dict:
         """Metrics over the images processed on all ranks (same result on every rank)."""
-        return self.compute(self.merge_states(gather_states(self.state())))
+        return self.compute(self.merge_states(gather_objects(self.state())))
 
 
 def coco_mask_ap(coco_gt: COCO, predictions: list[dict]) -> tuple[dict, str]:
@@ -189,7 +214,7 @@ def coco_mask_ap(coco_gt: COCO, predictions: list[dict]) -> tuple[dict, str]:
     """
     categories = [coco_gt.cats[category_id] for category_id in sorted(coco_gt.getCatIds())]
     if not predictions:
-        results = {key: 0.0 for key in SUMMARY_KEYS}
+        results = {key: 0.0 for key in COCO_STATS}
         results["per_class"] = [{"id": c["id"], "name": c["name"], "AP": 0.0} for c in categories]
         return results, "no predictions"
 
@@ -206,7 +231,7 @@ def coco_mask_ap(coco_gt: COCO, predictions: list[dict]) -> tuple[dict, str]:
 
     results = {
         key: 100 * float(value) if value >= 0 else float("nan")
-        for key, value in zip(SUMMARY_KEYS, coco_eval.stats)
+        for key, value in zip(COCO_STATS, coco_eval.stats)
     }
     # precision: (iou thresholds, recall points, classes, area ranges, max detections);
     # area range 0 is "all", the last max-detections setting is 100.

@@ -13,15 +13,15 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from eomt import distributed
 from eomt.evaluation.panoptic_io import (
     prediction_annotation,
     read_panoptic_png,
     write_panoptic_json,
     write_panoptic_png,
 )
-from eomt.evaluation.semantic import gather_states, to_numpy
+from eomt.evaluation.semantic import to_numpy
 
 PREDICTIONS_NAME = "predictions"  # output_dir/predictions.json and output_dir/predictions/*.png
 
@@ -237,10 +237,6 @@ def _compact(segment_map: np.ndarray) -> np.ndarray:
         if largest <= np.iinfo(dtype).max:
             return segment_map.astype(dtype, copy=False)
     return segment_map
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _sequential_mean(values: np.ndarray) -> float:
@@ -464,7 +460,7 @@ class PanopticEvaluator:
 
     def evaluate(self) -> dict:
         """Metrics over the images processed on all ranks (same result on every rank)."""
-        state = self.merge_states(gather_states(self.state()))
-        if self.output_dir is not None and _rank() == 0:
+        state = self.merge_states(distributed.gather_objects(self.state()))
+        if self.output_dir is not None and distributed.is_main():
             write_panoptic_json(self.output_dir / f"{PREDICTIONS_NAME}.json", state["annotations"])
         return self.compute(state)

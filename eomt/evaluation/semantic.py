@@ -2,20 +2,11 @@
 
 import csv
 import os
-from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-
-def gather_states(local_state: Any) -> list[Any]:
-    """Every rank's evaluator state (one ``all_gather_object``), or ``[local_state]`` alone."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [local_state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, local_state)
-    return states
+from eomt.distributed import gather_objects
 
 
 def to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -131,7 +122,7 @@ class SemanticEvaluator:
 
     def evaluate(self) -> dict:
         """Metrics over the images processed on all ranks (same result on every rank)."""
-        self.results = self.compute(self.merge_states(gather_states(self.state())))
+        self.results = self.compute(self.merge_states(gather_objects(self.state())))
         return self.results
 
     def save(self, path_dir: str) -> None:

@@ -1,6 +1,7 @@
 from torch import nn
 
 from eomt.modeling.backbone import build_vit, embed_tokens
+from eomt.modeling.criterion import MaskClassificationLoss
 from eomt.modeling.eomt import EoMT
 from eomt.modeling.mask2former import Mask2Former
 
@@ -61,4 +62,19 @@ def build_model(cfg, backbone_weights: bool = True) -> nn.Module:
     )
 
 
-__all__ = ["EoMT", "Mask2Former", "build_model", "build_vit", "embed_tokens"]
+def build_criterion(cfg) -> MaskClassificationLoss:
+    """The loss a config describes (`loss.*`), for `model.num_classes` classes."""
+    loss = cfg.loss
+    return MaskClassificationLoss(
+        num_classes=cfg.model.num_classes,
+        class_weight=loss.class_weight,
+        mask_weight=loss.mask_weight,
+        dice_weight=loss.dice_weight,
+        no_object_weight=loss.no_object_weight,
+        num_points=loss.num_points,
+        oversample_ratio=loss.oversample_ratio,
+        importance_sample_ratio=loss.importance_sample_ratio,
+    )
+
+
+__all__ = ["EoMT", "Mask2Former", "build_criterion", "build_model", "build_vit", "embed_tokens"]

@@ -1,19 +1,26 @@
-"""Processes for data-parallel training: spawned locally (`--num-gpus N`) or by torchrun."""
+"""Processes for data-parallel training and evaluation: spawned locally (`--num-gpus N`) or by
+torchrun, and the few collectives the trainer and the evaluators use. Outside a process group
+every helper is the single-process identity."""
 
 import os
 import socket
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def _in_group() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return dist.get_rank() if _in_group() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return dist.get_world_size() if _in_group() else 1
 
 
 def is_main() -> bool:
@@ -24,6 +31,32 @@ def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
+
+
+def gather_objects(local: Any) -> list[Any]:
+    """Every process's `local` (one `all_gather_object`), in rank order; `[local]` alone."""
+    if world_size() == 1:
+        return [local]
+    gathered = [None] * world_size()
+    dist.all_gather_object(gathered, local)
+    return gathered
+
+
+def sum_over_processes(count: int, on: torch.device) -> int:
+    if world_size() == 1:
+        return count
+    total = torch.tensor(count, device=on)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def mean_over_processes(values: dict[str, float], on: torch.device) -> dict[str, float]:
+    """Each value averaged over the processes (float64), the same on every one."""
+    if world_size() == 1:
+        return values
+    stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=on)
+    dist.all_reduce(stacked)
+    return dict(zip(values, (stacked / world_size()).tolist()))
 
 
 def _free_port() -> int:

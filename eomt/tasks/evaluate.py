@@ -1,0 +1,88 @@
+"""The evaluation loop: a model's results on a loader's images, scored by each task of
+`test.metrics`, with evaluation pictures and the tasks' files. It knows no task by name."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from eomt import distributed
+from eomt.inference import to_uint8
+from eomt.pictures import side_by_side, upscale_factor
+from eomt.tasks import TASKS, get_task, infer
+
+
+def build_evaluators(metrics, categories: list[dict], test_cfg, output_dir=None) -> dict:
+    """{task name: evaluator} for the tasks named in `metrics` (test.metrics)."""
+    for metric in metrics:
+        if metric not in TASKS:
+            raise ValueError(
+                f"test.metrics: unknown metric '{metric}', expected any of {tuple(TASKS)}"
+            )
+    return {name: TASKS[name].build_evaluator(categories, test_cfg, output_dir) for name in metrics}
+
+
+@torch.no_grad()
+def evaluate(
+    model,
+    loader,
+    cfg,
+    categories: list[dict],
+    output_dir: str | None,
+    show=True,
+    evaluators: dict | None = None,
+    on_image=None,
+):
+    """Metrics of `model` on the images of `loader` (each rank its own share).
+
+    Writes evaluation pictures of the first `cfg.test.num_vis` images of each rank (for the
+    tasks that draw them) and, with an output directory, each task's files. `evaluators`:
+    those to fill (default: `build_evaluators` of test.metrics); `on_image(results, target)`
+    sees each image's results. Both are hooks for benchmarks (tools/benchmark_memory.py).
+    """
+    was_training = model.training
+    model.eval()
+    if evaluators is None:
+        evaluators = build_evaluators(cfg.test.metrics, categories, cfg.test, output_dir)
+    vis_dir = Path(output_dir, "vis") if output_dir and cfg.test.num_vis > 0 else None
+    num_drawn = 0
+    for images, targets in tqdm(loader, desc="eval", disable=not show, leave=False):
+        for image, target, results in zip(
+            images, targets, infer(model, images, cfg, categories, list(evaluators))
+        ):
+            if on_image is not None:
+                on_image(results, target)
+            for name, result in results.items():
+                task = get_task(name)
+                truth = task.ground_truth(target, categories)
+                task.score(evaluators[name], result, truth, target)
+                if vis_dir is not None and num_drawn < cfg.test.num_vis:
+                    panels = task.evaluation_picture(to_uint8(image), result, truth, categories)
+                    if panels is not None:
+                        _save_picture(vis_dir, image, target, panels)
+                        num_drawn += 1
+    metrics = {name: evaluator.evaluate() for name, evaluator in evaluators.items()}
+    skipped = [
+        m for share in distributed.gather_objects(getattr(loader, "skipped", [])) for m in share
+    ]
+    if skipped:  # under dataset.bad_samples=skip: the metrics leave these images out
+        metrics["skipped_images"] = {"count": len(skipped), "problems": skipped}
+    if output_dir and distributed.is_main():
+        for name, evaluator in evaluators.items():
+            get_task(name).save(evaluator, output_dir)
+    model.train(was_training)
+    return metrics
+
+
+def _save_picture(vis_dir: Path, image, target, panels: list[tuple[str, np.ndarray]]) -> None:
+    """The image beside the task's panels (drawn at the panels' scale), as <file stem>.png."""
+    vis_dir.mkdir(parents=True, exist_ok=True)
+    picture = to_uint8(image)
+    scale = upscale_factor(*picture.shape[:2])  # the drawings enlarge small images too
+    titles, drawings = zip(*panels)
+    panel = side_by_side(
+        [picture.repeat(scale, axis=0).repeat(scale, axis=1), *drawings], ["image", *titles]
+    )
+    Image.fromarray(panel).save(vis_dir / (Path(str(target["file_name"])).stem + ".png"))

@@ -1,0 +1,149 @@
+"""Instance segmentation: scored binary masks of thing classes, scored by mask AP (COCOeval).
+
+Results are {masks (M, H, W) bool, scores (M,), labels (M,)}; written as one COCO results JSON
+(RLE masks, boxes, scores) and read back from such a file by `evaluate_files`.
+"""
+
+import contextlib
+import io
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+
+from eomt.evaluation.files import check_image_ids, load_json
+from eomt.evaluation.instance import COCO_STATS, InstanceEvaluator, coco_mask_ap
+from eomt.evaluation.postprocess import instance_inference
+from eomt.pictures import draw_instances
+from eomt.streamed_json import StreamedJson
+from eomt.tasks.base import Task, json_score
+
+
+class InstanceTask(Task):
+    name = "instance"
+    headline = ("AP",)
+    prediction_unit = "instance masks with pixels"
+
+    def postprocess(self, mask_logits, class_logits, categories, test_cfg):
+        """Thing classes only when the dataset has stuff (a panoptic model)."""
+        things = [i for i, c in enumerate(categories) if c["isthing"]]
+        return instance_inference(
+            mask_logits,
+            class_logits,
+            topk=test_cfg.topk,
+            thing_classes=None if len(things) == len(categories) else things,
+        )
+
+    def public(self, result, categories):
+        """Also each instance's dataset category id (`category_ids`)."""
+        ids = torch.tensor([c["id"] for c in categories], device=result["labels"].device)
+        return {**result, "category_ids": ids[result["labels"]]}
+
+    def count_predictions(self, result) -> int:
+        return int(result["masks"].flatten(1).any(1).sum())
+
+    def ground_truth(self, target, categories):
+        return target  # the evaluator encodes the target's masks itself
+
+    def build_evaluator(self, categories, test_cfg, output_dir=None):
+        return InstanceEvaluator(categories)
+
+    def score(self, evaluator, result, truth, target):
+        evaluator.process(target["image_id"], truth, {k: v.cpu() for k, v in result.items()})
+
+    def open_json(self, output_dir, categories):
+        return StreamedJson(Path(output_dir, "instances.json"))
+
+    def image_outputs(self, picture, result, info, name, categories, overlay, score_threshold):
+        result = {key: value.cpu() for key, value in result.items()}
+        pngs = []
+        if overlay:
+            drawing = partial(draw_instances, picture, result, categories, score_threshold)
+            pngs.append(("overlay", drawing))
+        return pngs, {None: _annotations(info["id"], result)}
+
+
+def _annotations(image_id, result) -> list[dict]:
+    masks = np.asfortranarray(result["masks"].numpy().transpose(1, 2, 0).astype(np.uint8))
+    rles = mask_utils.encode(masks) if len(result["scores"]) else []
+    annotations = []
+    for rle, score, category_id in zip(
+        rles, result["scores"].tolist(), result["category_ids"].tolist()
+    ):
+        annotations.append(
+            {
+                "image_id": image_id,
+                "category_id": category_id,
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                "bbox": [round(v, 2) for v in mask_utils.toBbox(rle).tolist()],
+                "score": json_score(score),
+            }
+        )
+    return annotations
+
+
+# -- files -> metrics ----------------------------------------------------------------------------
+
+
+def _checked_results(predictions, coco_gt: COCO, pred_json: str, gt_json: str) -> list[dict]:
+    """The results with every field COCOeval reads checked, "bbox" dropped."""
+    if not isinstance(predictions, list):
+        raise ValueError(f"{pred_json}: expected a JSON list of results")
+    pred_ids = [result.get("image_id") for result in predictions if isinstance(result, dict)]
+    check_image_ids(pred_ids, coco_gt.imgs, pred_json, gt_json)
+    checked = []
+    for index, result in enumerate(predictions):
+        where = f"{pred_json}: result {index}"
+        missing = [
+            k for k in ("image_id", "category_id", "segmentation", "score") if k not in result
+        ]
+        if missing:
+            raise ValueError(f"{where} lacks the key(s) {missing}")
+        image = coco_gt.imgs.get(result["image_id"])
+        if image is None:
+            raise ValueError(f"{where}: image_id {result['image_id']} is not in the ground truth")
+        if result["category_id"] not in coco_gt.cats:
+            raise ValueError(f"{where}: unknown category_id {result['category_id']}")
+        segmentation = result["segmentation"]
+        if not isinstance(segmentation, dict) or not {"size", "counts"} <= segmentation.keys():
+            raise ValueError(f"{where}: segmentation must be an RLE dict with size and counts")
+        if list(segmentation["size"]) != [image["height"], image["width"]]:
+            raise ValueError(
+                f"{where}: mask size {segmentation['size']} differs from image "
+                f"{result['image_id']}'s [{image['height']}, {image['width']}]"
+            )
+        checked.append({key: value for key, value in result.items() if key != "bbox"})
+    return checked
+
+
+def evaluate_files(gt_json: str, pred_json: str) -> tuple[dict, str]:
+    """The 12 COCO mask AP / AR numbers and per-class AP (percent), and COCOeval's summary, of
+    a COCO results file (image_id, category_id, RLE segmentation, score) against COCO instance
+    ground truth. A "bbox" in a result is dropped, so that a detection's area (which sorts it
+    into small / medium / large) is its mask's."""
+    dataset = load_json(gt_json)
+    if not isinstance(dataset, dict) or not {"images", "annotations", "categories"} <= set(dataset):
+        raise ValueError(f"{gt_json}: a COCO instance JSON needs images, annotations, categories")
+    coco_gt = COCO()
+    coco_gt.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt.createIndex()
+    predictions = _checked_results(load_json(pred_json), coco_gt, pred_json, gt_json)
+    results, coco_summary = coco_mask_ap(coco_gt, predictions)
+    summary = {key: results[key] for key in COCO_STATS}
+    summary["per_class"] = {
+        str(entry["id"]): {"name": entry["name"], "AP": entry["AP"]}
+        for entry in results["per_class"]
+    }
+    return summary, coco_summary
+
+
+def format_table(summary: dict, coco_summary: str) -> str:
+    """COCOeval's 12-line summary (fractions, as pycocotools prints it), then AP per class."""
+    lines = [coco_summary, "", f"{'id':>5s}  {'name':24s} {'AP':>6s}"]
+    for category_id, row in summary["per_class"].items():
+        lines.append(f"{category_id:>5s}  {row['name'][:24]:24s} {row['AP']:6.2f}")
+    return "\n".join(lines)
