@@ -17,11 +17,11 @@ from tqdm import tqdm
 from eomt.data import BadSampleError, BadSampleWarning, load_image
 from eomt.data.categories import ade20k_categories, cityscapes_categories
 from eomt.data.images import IMAGE_SUFFIXES, rgb_pixels
-from eomt.engine.checkpoint import load_model
 from eomt.engine.inference import TASKS, autocast_for, infer, resize_and_pad, restore_logits
 from eomt.evaluation.panoptic_io import id_to_rgb
 from eomt.pictures import draw_instances, draw_query_masks, draw_semantic
 from eomt.visualize import draw_panoptic
+from eomt.weights import load_model
 
 NAMED_CATEGORIES = {
     "ade20k": lambda: ade20k_categories(with_things=False),

@@ -12,7 +12,6 @@ from pycocotools import mask as mask_utils
 
 from eomt import predictor as predictor_module
 from eomt.data import BadSampleError, BadSampleWarning, synthetic_split_paths
-from eomt.engine.checkpoint import save_weights
 from eomt.engine.trainer import Trainer
 from eomt.evaluation.panoptic_io import read_panoptic_png
 from eomt.predictor import (
@@ -24,6 +23,7 @@ from eomt.predictor import (
     unique_stems,
     write_predictions,
 )
+from eomt.weights.files import save_weights
 from tests.test_interop import CLASSES, L2, tiny_model
 from tools.predict import main, parse_args
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from eomt.engine.checkpoint import read_checkpoint, save_weights
 from eomt.engine.trainer import Trainer
+from eomt.weights.files import read_checkpoint, save_weights
 
 sys.path.insert(0, "tools")
 import train_net  # noqa: E402

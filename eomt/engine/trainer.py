@@ -29,11 +29,6 @@ from eomt.engine.annealing import MaskAnnealing
 from eomt.engine.checkpoint import (
     checkpoint_path,
     checkpoints_newest_first,
-    describe_mismatch,
-    key_group,
-    load_checkpoint,
-    load_state,
-    read_checkpoint,
     remove_partial_checkpoints,
     save_training_state,
 )
@@ -47,6 +42,8 @@ from eomt.engine.inference import (
 from eomt.engine.solver import build_lr_scheduler, build_optimizer
 from eomt.modeling import build_model
 from eomt.modeling.criterion import MaskClassificationLoss
+from eomt.weights import describe_mismatch, key_group, load_checkpoint, load_state
+from eomt.weights.files import read_checkpoint
 
 RANDOM_WEIGHTS = "random"  # model.weights: no checkpoint, on purpose
 
