@@ -24,7 +24,7 @@ from eomt.predictor import (
     write_predictions,
 )
 from eomt.weights.files import save_weights
-from tests.test_interop import CLASSES, L2, tiny_model
+from tests.test_weights import CLASSES, L2, tiny_model
 from tools.predict import main, parse_args
 
 sys.path.insert(0, "tools")
