@@ -14,10 +14,10 @@ from tqdm import tqdm
 from eomt.data import BadSampleError, BadSampleWarning, load_image
 from eomt.data.categories import ade20k_categories, cityscapes_categories
 from eomt.data.images import IMAGE_SUFFIXES, rgb_pixels
-from eomt.engine.checkpoint import load_model
 from eomt.inference import autocast_for, resize_and_pad, restore_logits, to_uint8
 from eomt.pictures import draw_query_masks
 from eomt.tasks import get_task, infer
+from eomt.weights import load_model
 
 NAMED_CATEGORIES = {
     "ade20k": lambda: ade20k_categories(with_things=False),

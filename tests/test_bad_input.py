@@ -39,7 +39,7 @@ from tests.test_datasets_real import (
     _png,
     _write_files,
 )
-from tests.test_interop import DINOV3, tiny_model
+from tests.test_weights import DINOV3, tiny_model
 
 ADE_IMAGE = "ADEChallengeData2016/images/validation/ADE_val_00000001.jpg"
 CITY_STEM = "frankfurt/frankfurt_000000_000019"

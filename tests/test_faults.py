@@ -18,10 +18,11 @@ from omegaconf import OmegaConf
 
 from eomt.data import generate_synthetic_dataset
 from eomt.data.bad_samples import BadSampleError, BadSampleWarning
-from eomt.engine import checkpoint as checkpoint_module
 from eomt.engine import trainer as trainer_module
-from eomt.engine.checkpoint import checkpoints_newest_first, read_checkpoint
+from eomt.engine.checkpoint import checkpoints_newest_first
 from eomt.engine.trainer import Trainer
+from eomt.weights import files as files_module
+from eomt.weights.files import read_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_NET = str(REPO / "tools" / "train_net.py")
@@ -185,7 +186,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tiny_cfg, monkeypa
             return FullDisk(file, room=1000)  # torch's writer swallows the OSError
         return file
 
-    monkeypatch.setattr(checkpoint_module.os, "fdopen", disk_fills_at_iteration_6)
+    monkeypatch.setattr(files_module.os, "fdopen", disk_fills_at_iteration_6)
     message = (
         r"could not write the checkpoint of iteration 6 to .*run/model_0000006.pth \(No space left "
         r"on device\); "

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from eomt.engine.checkpoint import save_weights
-from tests.test_interop import CLASSES, DINOV2, DINOV3, QUERIES, SIZE, tiny_model
+from eomt.weights.files import save_weights
+from tests.test_weights import CLASSES, DINOV2, DINOV3, QUERIES, SIZE, tiny_model
 from tools.export_onnx import InferenceGraph, check, check_inputs, export, main, parse_args
 
 onnxruntime = pytest.importorskip("onnxruntime")

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from eomt.config import ConfigError
 from eomt.data import synthetic_split_paths
 from eomt.data.build import build_dataset, check_config_dataset
-from eomt.engine.checkpoint import read_checkpoint
 from eomt.engine.trainer import Trainer
+from eomt.weights.files import read_checkpoint
 
 NAMES = ["disc", "rectangle", "triangle", "star", "grass", "water", "sand"]
 
@@ -190,8 +190,8 @@ def test_check_command_line_with_config_and_overrides(tiny_cfg, own_root, tmp_pa
 def test_worked_example_fine_tune_evaluate_predict_and_score(tiny_cfg, own_root, tmp_path, capsys):
     """datasets/README.md, "Worked example", step by step, with a small model standing in for
     the COCO release (133 classes, official layout)."""
-    from eomt.interop import official_state_dict
     from eomt.modeling import build_model
+    from eomt.weights.export import official_state_dict
     from tests.test_run_refusals import train_net
     from tools import evaluate, predict
 

@@ -11,7 +11,6 @@ from pycocotools import mask as mask_utils
 
 from eomt import streamed_json
 from eomt.data import BadSampleError, BadSampleWarning, synthetic_split_paths
-from eomt.engine.checkpoint import save_weights
 from eomt.engine.trainer import Trainer
 from eomt.evaluation.instance import COCO_STATS
 from eomt.evaluation.panoptic_io import read_panoptic_png
@@ -25,7 +24,8 @@ from eomt.predictor import (
     write_predictions,
 )
 from eomt.tasks import instance, panoptic
-from tests.test_interop import CLASSES, L2, tiny_model
+from eomt.weights.files import save_weights
+from tests.test_weights import CLASSES, L2, tiny_model
 from tools.predict import main, parse_args
 
 CATEGORIES = [

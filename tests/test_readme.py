@@ -13,9 +13,9 @@ from PIL import Image
 from eomt.config import get_cfg
 from eomt.data import SYNTHETIC_CATEGORIES, generate_synthetic_dataset
 from eomt.data.synthetic import render_sample
-from eomt.interop import official_state_dict, save_hf
 from eomt.modeling import build_model
-from tests.test_interop import tiny_model
+from eomt.weights.export import official_state_dict, save_hf
+from tests.test_weights import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 DOCUMENTS = ("README.md", "datasets/README.md")

@@ -5,8 +5,8 @@ checkpoints."""
 import pytest
 from omegaconf import OmegaConf
 
-from eomt.engine.checkpoint import read_checkpoint, save_weights
 from eomt.engine.trainer import Trainer
+from eomt.weights.files import read_checkpoint, save_weights
 from tools import train_net
 
 

@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from eomt.engine.checkpoint import load_model, save_atomic, save_weights
-from eomt.interop import official_state_dict, save_hf
 from eomt.predictor import read_categories
+from eomt.weights import load_model
+from eomt.weights.export import official_state_dict, save_hf
+from eomt.weights.files import save_atomic, save_weights
 
 
 def parse_args(argv=None):

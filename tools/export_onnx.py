@@ -20,8 +20,8 @@ from torch import nn
 
 from eomt.data import load_image
 from eomt.data.synthetic import render_sample
-from eomt.engine.checkpoint import load_model
 from eomt.inference import resize_and_pad
+from eomt.weights import load_model
 
 OUTPUT_NAMES = ("mask_logits", "class_logits")
 

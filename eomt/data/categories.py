@@ -1,4 +1,5 @@
-"""Class metadata of the datasets whose annotation files do not carry it: ADE20K and Cityscapes.
+"""Class metadata of the datasets whose annotation files do not carry it (ADE20K and Cityscapes)
+and of weights that carry none.
 
 COCO's categories come from its JSON files.
 """
@@ -51,12 +52,28 @@ ADE20K_INSTANCE_TO_150 = (
     136, 137, 138, 139, 140, 143, 144, 145, 147, 148, 149, 150,
 )  # fmt: skip
 ADE20K_THING_IDS = frozenset(ADE20K_INSTANCE_TO_150)
+COCO_PANOPTIC_THINGS = 80  # the first 80 of the 133 COCO panoptic classes are things
 
 
 def distinct_color(index: int) -> list[int]:
     """A display colour for categories without one: hues spaced by the golden ratio."""
     hue = (index * 0.618033988749895) % 1.0
     return [round(255 * channel) for channel in colorsys.hsv_to_rgb(hue, 0.75, 0.95)]
+
+
+def generic_categories(num_classes: int, names: list[str] | None = None) -> list[dict]:
+    """Class metadata for weights that carry none: given names or 'class N', and for the 133
+    COCO panoptic classes the first 80 as things (stuff otherwise, things for 80 classes)."""
+    things = {133: COCO_PANOPTIC_THINGS, 80: 80}.get(num_classes, 0)
+    return [
+        {
+            "id": i,
+            "name": names[i] if names else f"class {i}",
+            "isthing": int(i < things),
+            "color": distinct_color(i),
+        }
+        for i in range(num_classes)
+    ]
 
 
 def ade20k_categories(with_things: bool) -> list[dict]:

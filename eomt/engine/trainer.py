@@ -29,11 +29,6 @@ from eomt.engine.annealing import MaskAnnealing
 from eomt.engine.checkpoint import (
     checkpoint_path,
     checkpoints_newest_first,
-    describe_mismatch,
-    key_group,
-    load_checkpoint,
-    load_state,
-    read_checkpoint,
     remove_partial_checkpoints,
     save_training_state,
 )
@@ -42,6 +37,8 @@ from eomt.inference import amp_on, autocast_for
 from eomt.modeling import build_criterion, build_model
 from eomt.tasks import summary_line
 from eomt.tasks.evaluate import evaluate
+from eomt.weights import describe_mismatch, key_group, load_checkpoint, load_state
+from eomt.weights.files import read_checkpoint
 
 RANDOM_WEIGHTS = "random"  # model.weights: no checkpoint, on purpose
 

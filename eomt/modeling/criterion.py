@@ -136,6 +136,14 @@ class HungarianMatcher(nn.Module):
         return indices
 
 
+def class_weights(num_classes: int, no_object_weight: float) -> Tensor:
+    """The cross-entropy weight of each class (num_classes + 1): 1 for the classes,
+    `no_object_weight` for the last, "no object"."""
+    weight = torch.ones(num_classes + 1)
+    weight[num_classes] = no_object_weight
+    return weight
+
+
 class MaskClassificationLoss(nn.Module):
     """Hungarian-matched BCE + dice mask loss and weighted cross-entropy class loss, applied to
     every supervised depth of the model output (each depth matched on its own)."""
@@ -160,9 +168,7 @@ class MaskClassificationLoss(nn.Module):
         self.oversample_ratio = oversample_ratio
         self.importance_sample_ratio = importance_sample_ratio
         self.matcher = HungarianMatcher(class_weight, mask_weight, dice_weight, num_points)
-        empty_weight = torch.ones(num_classes + 1)
-        empty_weight[num_classes] = no_object_weight
-        self.register_buffer("empty_weight", empty_weight)
+        self.register_buffer("empty_weight", class_weights(num_classes, no_object_weight))
 
     def forward(
         self, predictions: list[dict], targets: list[dict], num_masks: float | None = None

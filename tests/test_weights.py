@@ -11,18 +11,18 @@ from timm.layers import resample_abs_pos_embed
 
 from eomt import from_checkpoint, load_checkpoint
 from eomt.config import get_cfg
-from eomt.engine.checkpoint import load_model
-from eomt.interop import (
+from eomt.modeling import build_model
+from eomt.weights import load_model
+from eomt.weights.architecture import infer_config
+from eomt.weights.export import official_state_dict
+from eomt.weights.layouts import (
     base_backbone_weights,
     hf_to_ours,
-    infer_config,
-    official_state_dict,
     official_to_ours,
     ours_to_hf,
     ours_to_official,
     to_ours,
 )
-from eomt.modeling import build_model
 from tools.convert_checkpoint import convert, parse_args
 
 DIM, DEPTH, QUERIES, CLASSES, L2, SIZE = 64, 3, 6, 5, 2, 32
@@ -419,7 +419,7 @@ def test_not_eomt_weights_get_a_clear_error(tmp_path):
 @pytest.mark.parametrize("backbone", [DINOV2, DINOV3])
 def test_hugging_face_round_trip_with_transformers(tmp_path, backbone):
     transformers = pytest.importorskip("transformers")
-    from eomt.interop import save_hf
+    from eomt.weights.export import save_hf
 
     model, _ = tiny_model(backbone)
     categories = [

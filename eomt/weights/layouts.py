@@ -1,4 +1,4 @@
-"""EoMT weights in the layouts of other implementations, and configs inferred from weights.
+"""EoMT weights in the layouts of other implementations, and official DINOv3 deltas.
 
 The same weights in three layouts:
 
@@ -11,18 +11,13 @@ official  the authors' release (tue-mps/eomt `pytorch_model.bin`, or a Lightning
 hf        transformers' `EomtForUniversalSegmentation` (DINOv2) and
           `EomtDinov3ForUniversalSegmentation` (DINOv3); they normalise images outside the model.
 
+DINOv3 backbone weights, the base of deltas, come in transformers', Meta's or timm's layout.
 Every conversion only renames, splits or concatenates tensors, so outputs stay equal.
 """
 
-import json
-import math
-from pathlib import Path
-
 import timm
 import torch
-from safetensors.torch import save_file
 
-from eomt.data.categories import distinct_color
 from eomt.modeling.eomt import IMAGENET_MEAN, IMAGENET_STD
 
 OURS, OFFICIAL, HF = "ours", "official", "hf"
@@ -68,31 +63,6 @@ EVA_BLOCK_RENAMES = {  # HF DINOv3 layer -> timm Eva block
     "layer_scale2.lambda1": "gamma_2",
     "mlp.down_proj.": "mlp.fc2.",
 }
-
-# timm backbones of the released models: width (and gated MLP for DINOv3) -> name, depth.
-DINOV2_BACKBONES = {
-    384: ("vit_small_patch14_reg4_dinov2", 12),
-    768: ("vit_base_patch14_reg4_dinov2", 12),
-    1024: ("vit_large_patch14_reg4_dinov2", 24),
-    1536: ("vit_giant_patch14_reg4_dinov2", 40),
-}
-DINOV3_BACKBONES = {
-    (384, False): ("vit_small_patch16_dinov3", 12),
-    (384, True): ("vit_small_plus_patch16_dinov3", 12),
-    (768, False): ("vit_base_patch16_dinov3", 12),
-    (1024, False): ("vit_large_patch16_dinov3", 24),
-    (1280, True): ("vit_huge_plus_patch16_dinov3", 32),
-}
-HEAD_DIM = 64  # of every DINOv2 and DINOv3 ViT up to giant / huge+
-# Classes and queries of the released models -> task and dataset layout.
-KNOWN_DATASETS = {
-    (133, 200): ("panoptic", "coco_panoptic"),
-    (80, 200): ("instance", "coco_instance"),
-    (150, 200): ("panoptic", "ade20k_panoptic"),
-    (150, 100): ("semantic", "ade20k_semantic"),
-    (19, 100): ("semantic", "cityscapes_semantic"),
-}
-COCO_PANOPTIC_THINGS = 80  # the first 80 of the 133 COCO panoptic classes are things
 
 
 def detect_format(state: dict, source: str = "checkpoint") -> str:
@@ -146,8 +116,8 @@ def official_to_ours(state: dict) -> dict:
 
 
 def ours_to_official(state: dict) -> dict:
-    backbone = _strip(state, "backbone.")
-    if _is_eva(backbone):
+    backbone = strip_prefix(state, "backbone.")
+    if is_eva(backbone):
         backbone = _timm_backbone_to_hf(backbone, "patch_embed.", "blocks.", "norm.", eva=True)
     out = {OFFICIAL_BACKBONE + k: v for k, v in backbone.items()}
     inverse = [(new, old) for old, new in OFFICIAL_HEAD_RENAMES[:-1]]
@@ -181,12 +151,12 @@ def hf_to_ours(state: dict, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD) ->
 
 def ours_to_hf(state: dict) -> dict:
     """Our weights -> HF; `pixel_mean` / `pixel_std` go to the image processor's config."""
-    backbone = _strip(state, "backbone.")
-    norm = _strip(backbone, "norm.")
+    backbone = strip_prefix(state, "backbone.")
+    norm = strip_prefix(backbone, "norm.")
     body = {k: v for k, v in backbone.items() if not k.startswith("norm.")}
-    if not _is_eva(body) and "blocks.0.ls1.gamma" not in body:
+    if not is_eva(body) and "blocks.0.ls1.gamma" not in body:
         raise ValueError("the Hugging Face EoMT needs layer scale (ls1/ls2) in every block")
-    out = _timm_backbone_to_hf(body, "embeddings.", "layers.", None, eva=_is_eva(body))
+    out = _timm_backbone_to_hf(body, "embeddings.", "layers.", None, eva=is_eva(body))
     out.update({"layernorm." + k: v for k, v in norm.items()})
     inverse = [(new, old) for old, new in HF_HEAD_RENAMES if not new.startswith("backbone.")]
     for key, value in state.items():
@@ -196,102 +166,6 @@ def ours_to_hf(state: dict) -> dict:
             key = key.replace(".norm.", ".layernorm2d.")
         out[_rename(key, inverse)] = value
     return out
-
-
-def hf_config(model, categories: list[dict]) -> dict:
-    """config.json of the HF model that holds `ours_to_hf(model.state_dict())`."""
-    vit = model.backbone
-    height, width = vit.patch_embed.img_size
-    if height != width:
-        raise ValueError(
-            f"the Hugging Face EoMT takes square inputs; this model takes {height}x{width}"
-        )
-    state = vit.state_dict()
-    eva = _is_eva(state)
-    block = vit.blocks[0]
-    config = {
-        "hidden_size": vit.embed_dim,
-        "num_hidden_layers": len(vit.blocks),
-        "num_attention_heads": block.attn.num_heads,
-        "image_size": height,
-        "patch_size": vit.patch_embed.patch_size[0],
-        "num_register_tokens": state["reg_token"].shape[1] if "reg_token" in state else 0,
-        "layer_norm_eps": vit.norm.eps,
-        "hidden_act": "gelu",
-        "num_blocks": model.num_query_blocks,
-        "num_queries": model.num_queries,
-        "num_upscale_blocks": len(model.upscale),
-        "id2label": {str(i): c["name"] for i, c in enumerate(categories)},
-        "label2id": {c["name"]: i for i, c in enumerate(categories)},
-    }
-    if eva:
-        gated = "blocks.0.mlp.fc1_g.weight" in state
-        hidden = state["blocks.0.mlp.fc1_g.weight" if gated else "blocks.0.mlp.fc1.weight"].shape[0]
-        config.update(
-            model_type="eomt_dinov3",
-            architectures=["EomtDinov3ForUniversalSegmentation"],
-            intermediate_size=hidden,
-            use_gated_mlp=gated,
-            query_bias="blocks.0.attn.q_bias" in state,
-            key_bias=False,
-            value_bias="blocks.0.attn.v_bias" in state,
-            proj_bias=True,
-            mlp_bias=True,
-            rope_parameters={"rope_type": "default", "rope_theta": 100.0},
-        )
-    else:
-        fc1_rows = state["blocks.0.mlp.fc1.weight"].shape[0]
-        swiglu = _vit_mlp_is_gated(state)
-        # HF derives the SwiGLU width from mlp_ratio 4; DINOv2-g's packed fc1 holds both halves.
-        if swiglu and 2 * _hf_swiglu_hidden(vit.embed_dim, 4) != fc1_rows:
-            raise ValueError("this SwiGLU hidden size has no Hugging Face EoMT equivalent")
-        config.update(
-            model_type="eomt",
-            architectures=["EomtForUniversalSegmentation"],
-            use_swiglu_ffn=swiglu,
-            mlp_ratio=4 if swiglu else fc1_rows // vit.embed_dim,
-        )
-    return config
-
-
-def save_hf(
-    model, categories: list[dict], folder: str | Path, no_object_weight: float = 0.1
-) -> Path:
-    """Write `model` as a transformers model folder: model.safetensors, config.json and the
-    image processor's preprocessor_config.json with the model's image statistics."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = ours_to_hf(model.state_dict())
-    state["criterion.empty_weight"] = _empty_weight(model.num_classes, no_object_weight)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(hf_config(model, categories), indent=2))
-    processor = {
-        "image_processor_type": "EomtImageProcessor",
-        "do_rescale": True,
-        "do_normalize": True,
-        "image_mean": model.pixel_mean.flatten().tolist(),
-        "image_std": model.pixel_std.flatten().tolist(),
-    }
-    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
-    return folder / "model.safetensors"
-
-
-def official_state_dict(model, no_object_weight: float = 0.1) -> dict:
-    """`model`'s weights as the official release stores them, with the loss's class weights."""
-    state = ours_to_official(model.state_dict())
-    state["criterion.empty_weight"] = _empty_weight(model.num_classes, no_object_weight)
-    return state
-
-
-def _empty_weight(num_classes: int, no_object_weight: float) -> torch.Tensor:
-    """The class weights of the loss, which both other layouts keep with the model."""
-    weight = torch.ones(num_classes + 1)
-    weight[-1] = no_object_weight
-    return weight
-
-
-def _hf_swiglu_hidden(dim: int, mlp_ratio: float) -> int:
-    return (int(int(dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
 
 
 # -- backbones -----------------------------------------------------------------------------------
@@ -308,7 +182,7 @@ def _hf_backbone_to_timm(state: dict, embed: str, blocks: str, norm: str | None,
     if norm:
         renames[norm] = "norm."
     out = {}
-    for index, block in _split_blocks(state, blocks).items():
+    for index, block in split_blocks(state, blocks).items():
         out.update({f"blocks.{index}.{k}": v for k, v in _block_to_timm(block, eva).items()})
     for key, value in state.items():
         if key.startswith(blocks):
@@ -332,7 +206,7 @@ def _timm_backbone_to_hf(state: dict, embed: str, blocks: str, norm: str | None,
     if norm:
         renames.append(("norm.", norm))
     out = {}
-    for index, block in _split_blocks(state, "blocks.").items():
+    for index, block in split_blocks(state, "blocks.").items():
         out.update({f"{blocks}{index}.{k}": v for k, v in _block_to_hf(block, eva).items()})
     for key, value in state.items():
         if key.startswith("blocks."):
@@ -387,7 +261,7 @@ def _block_to_hf(block: dict, eva: bool) -> dict:
     for n in "qv":
         if f"attn.{n}_bias" in block:
             out[f"{attn}{n}_proj.bias"] = block.pop(f"attn.{n}_bias")
-    gated = _vit_mlp_is_gated(block, prefix="")
+    gated = vit_mlp_is_gated(block, prefix="")
     for suffix in ("weight", "bias"):
         if eva and f"mlp.fc1_g.{suffix}" in block:
             out[f"mlp.gate_proj.{suffix}"] = block.pop(f"mlp.fc1_g.{suffix}")
@@ -405,20 +279,21 @@ def _block_to_hf(block: dict, eva: bool) -> dict:
     return out
 
 
-def _vit_mlp_is_gated(state: dict, prefix: str = "blocks.0.") -> bool:
+def vit_mlp_is_gated(state: dict, prefix: str = "blocks.0.") -> bool:
     """timm ViT's packed SwiGLU: fc1 has twice the rows fc2 has columns."""
     fc1, fc2 = state.get(prefix + "mlp.fc1.weight"), state.get(prefix + "mlp.fc2.weight")
     return fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]
 
 
-def _is_eva(backbone: dict) -> bool:
+def is_eva(backbone: dict) -> bool:
     """timm's Eva (DINOv3): layer scale `gamma_1` and rotary positions instead of `pos_embed`."""
     return "blocks.0.gamma_1" in backbone or (
         "pos_embed" not in backbone and "blocks.0.attn.qkv.weight" in backbone
     )
 
 
-def _split_blocks(state: dict, prefix: str) -> dict[int, dict]:
+def split_blocks(state: dict, prefix: str) -> dict[int, dict]:
+    """The weights of each block `{prefix}N.*`, by N, under the names inside the block."""
     blocks: dict[int, dict] = {}
     for key, value in state.items():
         if key.startswith(prefix):
@@ -427,7 +302,8 @@ def _split_blocks(state: dict, prefix: str) -> dict[int, dict]:
     return dict(sorted(blocks.items()))
 
 
-def _strip(state: dict, prefix: str) -> dict:
+def strip_prefix(state: dict, prefix: str) -> dict:
+    """The weights under `prefix`, without it."""
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
@@ -491,101 +367,3 @@ def base_backbone_weights(state: dict, backbone) -> dict:
     if "storage_tokens" in state:
         return timm.models.eva.checkpoint_filter_fn(state, backbone)
     return state
-
-
-# -- configs from weights ------------------------------------------------------------------------
-
-
-def infer_config(
-    state: dict, image_size: tuple[int, int] | None = None, num_heads: int | None = None
-) -> dict:
-    """Flat config values of the EoMT that holds `state` (ours): the timm backbone (name and,
-    for sizes no released model has, its width, depth, heads, MLP ratio, registers and layer
-    scale), patch and input size, classes, queries, L2, and the task of the known datasets.
-
-    Heads are not in the shapes: DINOv2 and DINOv3 use heads of 64 channels unless
-    `num_heads` says otherwise. DINOv3 (rotary positions) keeps no input size: 640 unless given.
-    """
-    for key in ("queries.weight", "class_head.weight", "backbone.patch_embed.proj.weight"):
-        if key not in state:
-            raise ValueError(f"cannot infer the model: no '{key}' in the weights")
-    backbone = _strip(state, "backbone.")
-    dim = backbone["patch_embed.proj.weight"].shape[0]
-    patch = backbone["patch_embed.proj.weight"].shape[-1]
-    depth = len(_split_blocks(backbone, "blocks."))
-    registers = backbone["reg_token"].shape[1] if "reg_token" in backbone else 0
-    eva = _is_eva(backbone)
-    layer_scale = "blocks.0.gamma_1" in backbone or "blocks.0.ls1.gamma" in backbone
-    if eva:
-        gated = "blocks.0.mlp.fc1_g.weight" in backbone
-        hidden = backbone[
-            "blocks.0.mlp.fc1_g.weight" if gated else "blocks.0.mlp.fc1.weight"
-        ].shape[0]
-        name, standard_depth = DINOV3_BACKBONES.get((dim, gated), (None, None))
-        if name is None:
-            name = "vit_small_plus_patch16_dinov3" if gated else "vit_small_patch16_dinov3"
-        if "blocks.0.attn.q_bias" in backbone:
-            name += "_qkvb"
-        default_registers, register_key = 4, "num_reg_tokens"
-    else:
-        gated = _vit_mlp_is_gated(backbone)
-        hidden = backbone["blocks.0.mlp.fc1.weight"].shape[0]
-        name, standard_depth = DINOV2_BACKBONES.get(dim, (None, None))
-        if name is None or gated != (dim == 1536):
-            name = "vit_giant_patch14_reg4_dinov2" if gated else "vit_small_patch14_reg4_dinov2"
-            standard_depth = None
-        default_registers, register_key = 4, "reg_tokens"
-    kwargs = {}
-    if depth != standard_depth or num_heads not in (None, dim // HEAD_DIM):
-        # Not a released size: the family's architecture at this width and depth.
-        ratio = hidden / dim
-        kwargs.update(embed_dim=dim, depth=depth, num_heads=num_heads or max(1, dim // HEAD_DIM))
-        kwargs["mlp_ratio"] = ratio if int(dim * ratio) == hidden else ratio + 1e-9
-    if registers != default_registers:
-        kwargs[register_key] = registers
-    if not layer_scale:
-        kwargs["init_values"] = None
-    if image_size is None:
-        if "pos_embed" in backbone:
-            side = math.isqrt(backbone["pos_embed"].shape[1])
-            if side * side != backbone["pos_embed"].shape[1]:
-                raise ValueError(
-                    f"pos_embed holds {backbone['pos_embed'].shape[1]} positions, not a square "
-                    "grid: give the input size"
-                )
-            image_size = (side * patch, side * patch)
-        else:
-            image_size = (640, 640)
-    num_classes = state["class_head.weight"].shape[0] - 1
-    num_queries = state["queries.weight"].shape[0]
-    task, dataset = KNOWN_DATASETS.get((num_classes, num_queries), ("panoptic", "coco_panoptic"))
-    config = {
-        "task": task,
-        "model.backbone": name,
-        "model.backbone_kwargs": kwargs,
-        "model.pretrained": False,
-        "model.patch_size": patch,
-        "model.num_classes": num_classes,
-        "model.num_queries": num_queries,
-        "input.image_size": list(image_size),
-        "dataset.name": dataset,
-        "test.metrics": [task],
-    }
-    if "attn_mask_probs" in state:
-        config["model.num_query_blocks"] = state["attn_mask_probs"].shape[0]
-    return config
-
-
-def generic_categories(num_classes: int, names: list[str] | None = None) -> list[dict]:
-    """Class metadata for weights that carry none: given names or 'class N', and for the 133
-    COCO panoptic classes the first 80 as things (stuff otherwise, things for 80 classes)."""
-    things = {133: COCO_PANOPTIC_THINGS, 80: 80}.get(num_classes, 0)
-    return [
-        {
-            "id": i,
-            "name": names[i] if names else f"class {i}",
-            "isthing": int(i < things),
-            "color": distinct_color(i),
-        }
-        for i in range(num_classes)
-    ]
