@@ -50,6 +50,15 @@ MINIMUM = {
 }
 
 
+# Keys that moved, old -> new: configs, overrides and checkpoints that use the old name still
+# read (mask annealing is a training schedule, no longer under model).
+MOVED_KEYS = {
+    "model.anneal_start": "solver.anneal_start",
+    "model.anneal_end": "solver.anneal_end",
+    "model.anneal_power": "solver.anneal_power",
+}
+
+
 class ConfigError(ValueError):
     pass
 
@@ -143,6 +152,7 @@ def _load_file(path: Path, valid: dict, seen: tuple = ()) -> dict:
     for base in [bases] if isinstance(bases, str) else bases:
         values.update(_load_file(path.parent / base, valid, seen + (path,)))
     for key, value in _flatten(data).items():
+        key = MOVED_KEYS.get(key, key)
         _check_key(key, valid, str(path))
         values[key] = _coerce(key, value, valid[key], str(path))
         _check_value(key, values[key], str(path))
@@ -182,6 +192,7 @@ def get_cfg(
         overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
     )
     for key, value in items:
+        key = MOVED_KEYS.get(key, key)
         _check_key(key, valid, "override")
         values[key] = _coerce(key, value, valid[key], "override")
         _check_value(key, values[key], "override")

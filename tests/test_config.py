@@ -1,4 +1,5 @@
 import pytest
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigAttributeError
 
 from eomt.config import ConfigError, cfg_from_dict, get_cfg
@@ -58,3 +59,15 @@ def test_config_is_frozen_against_new_keys():
     cfg = get_cfg()
     with pytest.raises(ConfigAttributeError):
         cfg.solver.new_key = 1
+
+
+def test_moved_annealing_keys_still_read_from_files_overrides_and_saved_configs(tmp_path):
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  anneal_start: [3, 7]\n  anneal_end: [5, 9]\n")
+    cfg = get_cfg(old, ["model.anneal_power=2.0"])
+    assert list(cfg.solver.anneal_start) == [3, 7] and list(cfg.solver.anneal_end) == [5, 9]
+    assert cfg.solver.anneal_power == 2.0
+    assert "anneal_start" not in cfg.model
+    saved = OmegaConf.to_container(cfg)
+    saved["model"]["anneal_power"] = saved["solver"].pop("anneal_power")  # a checkpoint of before
+    assert cfg_from_dict(saved).solver.anneal_power == 2.0

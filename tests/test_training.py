@@ -18,7 +18,7 @@ class Interrupted(Exception):
 def test_resume_gives_identical_parameters(tiny_cfg, tmp_path, monkeypatch):
     # Masked attention is annealed across the run, and two accumulation steps per iteration.
     # An evaluation every 2 iterations must not disturb the run either.
-    overrides = ["model.anneal_start=[1, 2]", "model.anneal_end=[3, 5]", "test.eval_period=2"]
+    overrides = ["solver.anneal_start=[1, 2]", "solver.anneal_end=[3, 5]", "test.eval_period=2"]
     uninterrupted = Trainer(tiny_cfg(*overrides, f"output_dir={tmp_path / 'a'}"))
     uninterrupted.train()
 

@@ -33,17 +33,17 @@ class MaskAnnealing:
 
     @classmethod
     def from_cfg(cls, cfg) -> "MaskAnnealing":
-        m = cfg.model
-        if len(m.anneal_start) or len(m.anneal_end):
-            starts, ends = list(m.anneal_start), list(m.anneal_end)
-            if len(starts) != m.num_query_blocks:
+        s, blocks = cfg.solver, cfg.model.num_query_blocks
+        if len(s.anneal_start) or len(s.anneal_end):
+            starts, ends = list(s.anneal_start), list(s.anneal_end)
+            if len(starts) != blocks:
                 raise ValueError(
-                    f"model.anneal_start has {len(starts)} entries, "
-                    f"model.num_query_blocks is {m.num_query_blocks}"
+                    f"solver.anneal_start has {len(starts)} entries, "
+                    f"model.num_query_blocks is {blocks}"
                 )
         else:
-            starts, ends = default_anneal_steps(cfg.solver.max_iter, m.num_query_blocks)
-        return cls(starts, ends, m.anneal_power)
+            starts, ends = default_anneal_steps(s.max_iter, blocks)
+        return cls(starts, ends, s.anneal_power)
 
     def probs(self, iteration: int) -> list[float]:
         probs = []
