@@ -35,6 +35,21 @@ def test_point_sample_hand_values_and_shared_equals_per_map_points():
     torch.testing.assert_close(point_sample(maps, points.expand(2, -1, -1)), expected)
 
 
+def test_shared_points_give_the_values_of_the_maps_sampled_as_channels_of_one_input():
+    """The matcher's sampling, one map per batch item since it is faster, keeps every value of
+    the earlier layout (all maps as channels, one grid) to the bit: the same matching."""
+    torch.manual_seed(0)
+    maps, points = torch.randn(7, 33, 41), torch.rand(500, 2)
+    channels = F.grid_sample(
+        maps[None],
+        (2 * points - 1).view(1, 1, -1, 2),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    ).view(7, 500)
+    assert torch.equal(point_sample(maps, points), channels)
+
+
 def test_sample_uncertain_points_concentrate_where_logits_are_near_zero():
     torch.manual_seed(0)
     logits = torch.zeros(2, 8, 8)

@@ -20,22 +20,16 @@ def point_sample(maps: Tensor, points: Tensor) -> Tensor:
     """
     grid = 2.0 * points - 1.0
     if points.dim() == 2:
-        # The maps as channels of one input: a single grid serves all of them.
-        sampled = F.grid_sample(
-            maps.unsqueeze(0),
-            grid.view(1, 1, -1, 2),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        )
-    else:
-        sampled = F.grid_sample(
-            maps.unsqueeze(1),
-            grid.unsqueeze(1),
-            mode="bilinear",
-            padding_mode="border",
-            align_corners=False,
-        )
+        # One grid for every map, expanded, not copied: one map per batch item samples the same
+        # values several times faster on the CPU than the maps as channels of one input.
+        grid = grid.expand(maps.shape[0], -1, -1)
+    sampled = F.grid_sample(
+        maps.unsqueeze(1),
+        grid.unsqueeze(1),
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
     return sampled.view(maps.shape[0], points.shape[-2])
 
 
