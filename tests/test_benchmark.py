@@ -232,9 +232,11 @@ def test_cuda_fps_in_bf16():
 def test_loss_benchmark_times_the_matcher_and_the_loss_at_given_shapes(capsys):
     from tools import benchmark_loss
 
+    threads = torch.get_num_threads()
     args = ["--queries", "6", "--classes", "3", "--targets", "2", "--input", "32"]
     records = benchmark_loss.main([*args, "--points", "50", "--depths", "2", "--rounds", "2"])
     assert [r["run"] for r in records] == ["matcher", "loss"]
     assert records[0]["mask_logits"] == [8, 8] and records[1]["depths"] == 2
     assert all(0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] for r in records)
     assert len(capsys.readouterr().out.splitlines()) == 2
+    assert torch.get_num_threads() == threads  # the tests after it keep their numbers

@@ -98,8 +98,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    records = benchmark(args)
+    try:
+        records = benchmark(args)
+    finally:  # a caller in this process keeps its threads (and its numbers)
+        torch.set_num_threads(threads)
     for record in records:
         print(json.dumps(record), flush=True)
     return records
