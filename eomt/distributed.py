@@ -1,33 +1,39 @@
 """Processes for data-parallel training and evaluation: spawned locally (`--num-gpus N`) or by
 torchrun, and the few collectives the trainer and the evaluators use. Outside a process group
-every helper is the single-process identity."""
+every helper is the single-process identity. Torch is imported where it is needed: evaluating
+files never needs it (a process that has not imported torch is in no process group).
+"""
 
 import os
 import socket
+import sys
 from typing import Any
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-
-def _in_group() -> bool:
-    return dist.is_available() and dist.is_initialized()
+def _group():
+    """torch.distributed when this process is in a process group, else None."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
 
 
 def rank() -> int:
-    return dist.get_rank() if _in_group() else 0
+    dist = _group()
+    return dist.get_rank() if dist else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if _in_group() else 1
+    dist = _group()
+    return dist.get_world_size() if dist else 1
 
 
 def is_main() -> bool:
     return rank() == 0
 
 
-def device() -> torch.device:
+def device():
+    """The torch.device of this process: its GPU (LOCAL_RANK) or the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
@@ -38,24 +44,28 @@ def gather_objects(local: Any) -> list[Any]:
     if world_size() == 1:
         return [local]
     gathered = [None] * world_size()
-    dist.all_gather_object(gathered, local)
+    _group().all_gather_object(gathered, local)
     return gathered
 
 
-def sum_over_processes(count: int, on: torch.device) -> int:
+def sum_over_processes(count: int, on) -> int:
     if world_size() == 1:
         return count
+    import torch
+
     total = torch.tensor(count, device=on)
-    dist.all_reduce(total)
+    _group().all_reduce(total)
     return int(total.item())
 
 
-def mean_over_processes(values: dict[str, float], on: torch.device) -> dict[str, float]:
+def mean_over_processes(values: dict[str, float], on) -> dict[str, float]:
     """Each value averaged over the processes (float64), the same on every one."""
     if world_size() == 1:
         return values
+    import torch
+
     stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=on)
-    dist.all_reduce(stacked)
+    _group().all_reduce(stacked)
     return dict(zip(values, (stacked / world_size()).tolist()))
 
 
@@ -66,6 +76,8 @@ def _free_port() -> int:
 
 
 def _backend() -> str:
+    import torch
+
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
@@ -81,6 +93,9 @@ def _worker(local_rank: int, num_processes: int, port: int, fn, args) -> None:
 
 
 def _run_in_group(fn, args) -> None:
+    import torch
+    import torch.distributed as dist
+
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(_backend())
@@ -96,6 +111,8 @@ def launch(fn, num_processes: int, args: tuple = ()) -> None:
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         _run_in_group(fn, args)
     elif num_processes > 1:
+        import torch.multiprocessing as mp
+
         mp.spawn(_worker, args=(num_processes, _free_port(), fn, args), nprocs=num_processes)
     else:
         fn(*args)

@@ -1,9 +1,15 @@
 """Overlay pictures: panoptic segmentations with class colours, outlines, names and a legend,
 and semantic and instance predictions and single queries' masks drawn as such."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:  # torch only in annotations: importing this module stays cheap
+    import torch
 
 FONT_SIZE = 13
 LEGEND_BACKGROUND = (32, 32, 32)

@@ -1,6 +1,8 @@
 import json
 import math
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -134,6 +136,21 @@ def _edit_json(path, edit):
 
 
 # ----------------------------------------------------------------------------- panoptic
+
+
+def test_scoring_files_imports_neither_torch_nor_timm(tmp_path):
+    """tools/evaluate.py starts in half a second: torch, timm and torchvision take seconds."""
+    root = write_panoptic_fixture(tmp_path)
+    code = (
+        "import sys; from tools import evaluate; "
+        f"summary = evaluate.main({_panoptic_args(root, '--json', '--workers', '0')!r}); "
+        "print(sorted({'torch', 'timm', 'torchvision'} & set(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert json.loads(out.splitlines()[0])["All"]["PQ"] == OFFICIAL["All"][0]
+    assert out.splitlines()[-1] == "[]"
 
 
 def test_panoptic_equals_official_pq_compute_and_hand_counts(tmp_path, capsys):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from eomt.evaluation import semantic_inference
+from eomt.evaluation.postprocess import semantic_inference
 from eomt.inference import (
     predict_logits,
     predict_semantic_windows,

@@ -4,15 +4,16 @@ The per-image statistics can be computed by a pool of worker processes: ``proces
 image to the pool and returns, so that inference goes on while earlier images are scored.
 """
 
+from __future__ import annotations
+
 import multiprocessing
 import os
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
 
 from eomt import distributed
 from eomt.evaluation.panoptic_io import (
@@ -22,6 +23,9 @@ from eomt.evaluation.panoptic_io import (
     write_panoptic_png,
 )
 from eomt.evaluation.semantic import to_numpy
+
+if TYPE_CHECKING:  # torch only in annotations: importing this module stays cheap
+    import torch
 
 PREDICTIONS_NAME = "predictions"  # output_dir/predictions.json and output_dir/predictions/*.png
 

@@ -1,16 +1,23 @@
 """Semantic segmentation evaluation (mIoU and friends) from a confusion matrix."""
 
+from __future__ import annotations
+
 import csv
 import os
+import sys
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from eomt.distributed import gather_objects
 
+if TYPE_CHECKING:  # torch only in annotations: importing this module stays cheap
+    import torch
+
 
 def to_numpy(array: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(array, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor means torch is imported already
+    if torch is not None and isinstance(array, torch.Tensor):
         return array.detach().cpu().numpy()
     return np.asarray(array)
 

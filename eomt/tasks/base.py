@@ -2,12 +2,15 @@
 files. `eomt/tasks/{panoptic,semantic,instance}.py` each define one; the evaluation loop and
 the predictor call these methods and know no task by name."""
 
+from __future__ import annotations
+
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from eomt.inference import predict_logits
+if TYPE_CHECKING:  # torch only in annotations: importing this module stays cheap
+    import torch
 
 
 class Task(ABC):
@@ -22,6 +25,8 @@ class Task(ABC):
         """Per image, {task name: result} for each of `tasks`, with the input geometry of a
         model trained for this task: long side resized and padded, logits restored to each
         image's size, then each task's post-processing."""
+        from eomt.inference import predict_logits  # torch: not needed to score files
+
         logits = predict_logits(model, images, cfg.input.image_size, cfg.solver.amp)
         return [
             {task.name: task.postprocess(masks, classes, categories, cfg.test) for task in tasks}

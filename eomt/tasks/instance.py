@@ -10,13 +10,11 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from eomt.evaluation.files import check_image_ids, load_json
 from eomt.evaluation.instance import COCO_STATS, InstanceEvaluator, coco_mask_ap
-from eomt.evaluation.postprocess import instance_inference
 from eomt.pictures import draw_instances
 from eomt.streamed_json import StreamedJson
 from eomt.tasks.base import Task, json_score
@@ -29,6 +27,8 @@ class InstanceTask(Task):
 
     def postprocess(self, mask_logits, class_logits, categories, test_cfg):
         """Thing classes only when the dataset has stuff (a panoptic model)."""
+        from eomt.evaluation.postprocess import instance_inference  # torch: see Task.infer
+
         things = [i for i, c in enumerate(categories) if c["isthing"]]
         return instance_inference(
             mask_logits,
@@ -39,7 +39,7 @@ class InstanceTask(Task):
 
     def public(self, result, categories):
         """Also each instance's dataset category id (`category_ids`)."""
-        ids = torch.tensor([c["id"] for c in categories], device=result["labels"].device)
+        ids = result["labels"].new_tensor([c["id"] for c in categories])
         return {**result, "category_ids": ids[result["labels"]]}
 
     def count_predictions(self, result) -> int:

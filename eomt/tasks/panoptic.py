@@ -13,7 +13,6 @@ import numpy as np
 from eomt.evaluation.files import check_image_ids, require_dir
 from eomt.evaluation.panoptic import PanopticEvaluator, masks_to_panoptic
 from eomt.evaluation.panoptic_io import id_to_rgb, load_panoptic_json
-from eomt.evaluation.postprocess import panoptic_inference
 from eomt.pictures import draw_panoptic
 from eomt.streamed_json import StreamedJson
 from eomt.tasks.base import Task, json_score
@@ -28,6 +27,8 @@ class PanopticTask(Task):
     prediction_unit = "segments"
 
     def postprocess(self, mask_logits, class_logits, categories, test_cfg):
+        from eomt.evaluation.postprocess import panoptic_inference  # torch: see Task.infer
+
         return panoptic_inference(
             mask_logits,
             class_logits,

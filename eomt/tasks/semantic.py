@@ -12,9 +12,7 @@ import numpy as np
 from PIL import Image
 
 from eomt.evaluation.files import require_dir
-from eomt.evaluation.postprocess import semantic_inference
 from eomt.evaluation.semantic import SemanticEvaluator, masks_to_semantic
-from eomt.inference import predict_semantic_windows
 from eomt.pictures import draw_semantic
 from eomt.tasks.base import Task
 
@@ -37,10 +35,14 @@ class SemanticTask(Task):
         size = cfg.input.image_size
         if size[0] != size[1]:
             raise ValueError(f"semantic inference uses square windows; input.image_size is {size}")
+        from eomt.inference import predict_semantic_windows  # torch: see Task.infer
+
         scores = predict_semantic_windows(model, images, size[0], cfg.solver.amp)
         return [{self.name: s.argmax(0)} for s in scores]
 
     def postprocess(self, mask_logits, class_logits, categories, test_cfg):
+        from eomt.evaluation.postprocess import semantic_inference  # torch: see Task.infer
+
         return semantic_inference(mask_logits, class_logits).argmax(0)
 
     def count_predictions(self, result) -> int:
