@@ -60,9 +60,9 @@ class Task(ABC):
     def score(self, evaluator, result, truth, target: dict) -> None:
         """Add one image's result and ground truth to the evaluator."""
 
-    def save(self, evaluator, output_dir) -> list[str]:
-        """Write files beside results.json (after `evaluator.evaluate()`); their names."""
-        return []
+    def save(self, evaluator, output_dir) -> None:
+        """Write files beside results.json (after `evaluator.evaluate()`); none by default."""
+        return
 
     def evaluation_picture(self, picture: np.ndarray, result, truth, categories: list[dict]):
         """The ground truth and prediction panels of an evaluation picture, or None."""

@@ -54,14 +54,16 @@ def evaluate(
         ):
             if on_image is not None:
                 on_image(results, target)
+            picture = None  # the image as uint8, once, if a task draws it
             for name, result in results.items():
                 task = get_task(name)
                 truth = task.ground_truth(target, categories)
                 task.score(evaluators[name], result, truth, target)
                 if vis_dir is not None and num_drawn < cfg.test.num_vis:
-                    panels = task.evaluation_picture(to_uint8(image), result, truth, categories)
+                    picture = to_uint8(image) if picture is None else picture
+                    panels = task.evaluation_picture(picture, result, truth, categories)
                     if panels is not None:
-                        _save_picture(vis_dir, image, target, panels)
+                        _save_picture(vis_dir, picture, target, panels)
                         num_drawn += 1
     metrics = {name: evaluator.evaluate() for name, evaluator in evaluators.items()}
     skipped = [
@@ -76,10 +78,9 @@ def evaluate(
     return metrics
 
 
-def _save_picture(vis_dir: Path, image, target, panels: list[tuple[str, np.ndarray]]) -> None:
-    """The image beside the task's panels (drawn at the panels' scale), as <file stem>.png."""
+def _save_picture(vis_dir: Path, picture, target, panels: list[tuple[str, np.ndarray]]) -> None:
+    """The picture beside the task's panels (drawn at the panels' scale), as <file stem>.png."""
     vis_dir.mkdir(parents=True, exist_ok=True)
-    picture = to_uint8(image)
     scale = upscale_factor(*picture.shape[:2])  # the drawings enlarge small images too
     titles, drawings = zip(*panels)
     panel = side_by_side(

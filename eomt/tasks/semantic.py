@@ -60,7 +60,6 @@ class SemanticTask(Task):
     def save(self, evaluator, output_dir):
         """The per-class table and the confusion matrix, under semantic/."""
         evaluator.save(str(Path(output_dir, "semantic")))
-        return ["semantic"]
 
     def image_outputs(self, picture, result, info, name, categories, overlay, score_threshold):
         labels = result.cpu().numpy()
