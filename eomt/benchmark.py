@@ -12,6 +12,7 @@ all the windows of a typical validation image of the dataset.
 
 import math
 import resource
+import statistics
 import time
 import warnings
 
@@ -20,6 +21,7 @@ from torch import nn
 
 from eomt.inference import autocast_for, window_starts
 from eomt.modeling import build_model
+from eomt.runtime import FastForward
 
 with warnings.catch_warnings():
     # fvcore decorates its focal losses with torch.jit.script, which recent torch deprecates.
@@ -87,51 +89,193 @@ def crops_per_image(cfg, image_size: tuple[int, int] | None = None) -> tuple[int
     return len(window_starts(long_side, window)), tuple(image_size)
 
 
+def time_forwards(forward, images: torch.Tensor, warmup: int, iterations: int) -> list[float]:
+    """Milliseconds of each of `iterations` forwards after `warmup` untimed ones.
+
+    CUDA: an event pair around each forward, read after one synchronisation at the end, so
+    that no host synchronisation falls between forwards. CPU: the wall clock of each forward.
+    """
+    with torch.no_grad():
+        for _ in range(warmup):
+            forward(images)
+        if not images.is_cuda:
+            times = []
+            for _ in range(iterations):
+                start = time.perf_counter()
+                forward(images)
+                times.append(1000 * (time.perf_counter() - start))
+            return times
+        torch.cuda.synchronize(images.device)
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(iterations)
+        ]
+        for start, end in events:
+            start.record()
+            forward(images)
+            end.record()
+        torch.cuda.synchronize(images.device)
+        return [start.elapsed_time(end) for start, end in events]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA: the peak PyTorch allocated since the last reset. CPU: the process's peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB
+
+
+def memory_measure(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated"
+    return "peak resident memory of the whole process (ru_maxrss)"
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
 def measure_fps(
     model: nn.Module,
     input_shape: tuple[int, ...],
     device: torch.device,
     warmup: int,
     iterations: int,
-    compile_model: bool = False,
+    compile_mode: str = "none",
+    sdpa_backend: str = "auto",
+    weights_dtype: str = "fp32",
 ) -> dict:
-    """Forwards per second of `model` on random inputs of `input_shape` on `device`.
-
-    CUDA: bf16 autocast, `torch.cuda.synchronize` before and after the timed loop, peak memory
-    allocated by PyTorch. CPU: float32, peak resident memory of the whole process.
-    """
-    model = model.to(device).eval()
-    if compile_model:
-        model = torch.compile(model)
+    """Forwards per second of `model` on random inputs of `input_shape` on `device`, from the
+    median forward time; bf16 autocast on CUDA (float32 on CPU), with the `FastForward`
+    options. Compilation happens in the warm-up and is timed apart (`warmup_s`)."""
+    forward = FastForward(model.to(device), compile_mode, sdpa_backend, weights_dtype)
     images = torch.rand(input_shape, device=device)
-    is_cuda = device.type == "cuda"
-    if is_cuda:
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with torch.no_grad(), autocast_for(device, "bf16"):
-        for _ in range(warmup):
-            model(images)
-        if is_cuda:
-            torch.cuda.synchronize(device)
+    with autocast_for(device, "bf16"):
         start = time.perf_counter()
-        for _ in range(iterations):
-            model(images)
-        if is_cuda:
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-    if is_cuda:
-        return {
-            "forwards_per_second": iterations / seconds,
-            "peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-            "device": torch.cuda.get_device_name(device),
-            "precision": "bf16 autocast",
-            "memory_measure": "torch.cuda.max_memory_allocated",
-        }
+        time_forwards(forward, images, warmup=1, iterations=0)
+        first_forward_s = time.perf_counter() - start
+        times = time_forwards(forward, images, max(warmup - 1, 0), iterations)
+    median_ms = statistics.median(times)
     return {
-        "forwards_per_second": iterations / seconds,
-        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,  # KiB
-        "device": "cpu",
-        "precision": "float32",
-        "memory_measure": "peak resident memory of the whole process (ru_maxrss)",
+        "forwards_per_second": 1000 / median_ms,
+        "median_ms": median_ms,
+        "mean_ms": statistics.fmean(times),
+        "first_forward_s": first_forward_s,
+        "peak_memory_mb": peak_memory_mb(device),
+        "device": device_name(device),
+        "precision": ("bf16 autocast" if device.type == "cuda" else "float32")
+        + ("" if weights_dtype == "fp32" else f", {weights_dtype} weights"),
+        **forward.describe(),
+        "memory_measure": memory_measure(device),
+    }
+
+
+def random_targets(
+    batch: int, size: tuple[int, int], num_classes: int, per_image: int, generator
+) -> list[dict]:
+    """Per image, `per_image` random rectangles as masks (N, H, W) with random labels."""
+    height, width = size
+    targets = []
+    for _ in range(batch):
+        corners = torch.rand(per_image, 4, generator=generator)
+        rows = torch.arange(height)[None, :, None] / height
+        cols = torch.arange(width)[None, None, :] / width
+        top, left = corners[:, 0:1, None] * 0.7, corners[:, 1:2, None] * 0.7
+        bottom, right = (
+            top + 0.1 + 0.2 * corners[:, 2:3, None],
+            left + 0.1 + 0.2 * corners[:, 3:4, None],
+        )
+        masks = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+        labels = torch.randint(0, num_classes, (per_image,), generator=generator)
+        targets.append({"masks": masks, "labels": labels})
+    return targets
+
+
+def measure_training(
+    cfg, device: torch.device, batch_size: int, warmup: int, steps: int, masks_per_image: int = 8
+) -> dict:
+    """Training steps per second of the model `cfg` describes, with masked attention on in
+    every query block (as at the start of annealing), bf16 autocast on CUDA, the config's
+    loss and optimizer, on random images and rectangle masks; random weights.
+
+    Each step is synchronised; `loss_fraction` is the share of a step spent in the loss's
+    forward (matching included), what the matcher and the loss cost the step.
+    """
+    from eomt.engine.solver import build_optimizer
+    from eomt.modeling import build_criterion
+
+    model = build_model(cfg, backbone_weights=False).to(device).train()
+    if hasattr(model, "attn_mask_probs"):
+        model.attn_mask_probs.fill_(1.0)
+    criterion = build_criterion(cfg).to(device)
+    optimizer = build_optimizer(model, cfg.solver.lr, cfg.solver.weight_decay, cfg.solver.llrd)
+    generator = torch.Generator().manual_seed(0)
+    size = tuple(cfg.input.image_size)
+    images = torch.rand(batch_size, 3, *size, generator=generator).to(device)
+    targets = [
+        {key: value.to(device) for key, value in target.items()}
+        for target in random_targets(
+            batch_size, size, cfg.model.num_classes, masks_per_image, generator
+        )
+    ]
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step_times, loss_times, losses = [], [], []
+    for step in range(warmup + steps):
+        synchronize()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast_for(device, "bf16"):
+            predictions = model(images)
+        synchronize()
+        loss_start = time.perf_counter()
+        loss = criterion(predictions, targets)["loss"]
+        synchronize()
+        loss_seconds = time.perf_counter() - loss_start
+        loss.backward()
+        optimizer.step()
+        synchronize()
+        if step >= warmup:
+            step_times.append(time.perf_counter() - start)
+            loss_times.append(loss_seconds)
+            losses.append(float(loss))
+    median_step = statistics.median(step_times)
+    return {
+        "iterations_per_second": 1 / median_step,
+        "images_per_second": batch_size / median_step,
+        "median_step_ms": 1000 * median_step,
+        "loss_fraction": statistics.median(loss_times) / median_step,
+        "batch_size": batch_size,
+        "steps": steps,
+        "warmup": warmup,
+        "losses": losses,
+        "peak_memory_mb": peak_memory_mb(device),
+        "device": device_name(device),
+        "precision": "bf16 autocast" if device.type == "cuda" else "float32",
+        "memory_measure": memory_measure(device),
+    }
+
+
+def matmul_rate(device: torch.device, size: int, iterations: int = 10) -> dict:
+    """TFLOP/s (2 FLOPs per multiply-add) of `size`^3 matrix products on random data: bf16 on
+    CUDA, float32 on CPU; the ceiling that throughput is reported against."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).to(device, dtype) for _ in range(2))
+    times = time_forwards(lambda x: x @ b, a, warmup=3, iterations=iterations)
+    return {
+        "tflops": 2 * size**3 / (statistics.median(times) / 1000) / 1e12,
+        "size": size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "iterations": iterations,
+        "device": device_name(device),
     }
 
 
@@ -141,7 +285,9 @@ def benchmark(
     fps: bool = False,
     device: str = "cpu",
     batch_size: int = 1,
-    compile_model: bool = False,
+    compile_mode: str = "none",
+    sdpa_backend: str = "auto",
+    weights_dtype: str = "fp32",
     image_size: tuple[int, int] | None = None,
     warmup: int | None = None,
     iterations: int | None = None,
@@ -149,7 +295,8 @@ def benchmark(
     """Params, and GFLOPs and FPS if asked, of the model `cfg` describes, with random weights.
 
     Without `flops` and `fps` the model is built on the meta device (no memory, no init).
-    FLOPs are counted on the CPU in float32; FPS runs on `device`.
+    FLOPs are counted on the CPU in float32; FPS runs on `device` with the `FastForward`
+    options `compile_mode`, `sdpa_backend` and `weights_dtype`.
     """
     torch_device = torch.device(device)
     if fps and torch_device.type not in DEFAULT_ITERATIONS:
@@ -184,20 +331,34 @@ def benchmark(
         warmup = default_warmup if warmup is None else warmup
         iterations = default_iterations if iterations is None else iterations
         input_shape = (batch_size * crops, 3, height, width)
-        timing = measure_fps(model, input_shape, torch_device, warmup, iterations, compile_model)
+        timing = measure_fps(
+            model,
+            input_shape,
+            torch_device,
+            warmup,
+            iterations,
+            compile_mode,
+            sdpa_backend,
+            weights_dtype,
+        )
         result.update(
             fps=round(batch_size * timing["forwards_per_second"], 2),
-            latency_ms=round(1000 / timing["forwards_per_second"], 2),
+            latency_ms=round(timing["median_ms"], 3),
+            mean_latency_ms=round(timing["mean_ms"], 3),
+            first_forward_s=round(timing["first_forward_s"], 2),
             peak_memory_mb=round(timing["peak_memory_mb"], 1),
             device=timing["device"],
+            torch=torch.__version__,
             batch_size=batch_size,
             warmup=warmup,
             iterations=iterations,
             precision=timing["precision"],
-            compiled=compile_model,
+            compile_mode=compile_mode,
+            sdpa_backend=sdpa_backend,
             fps_measure=(
-                f"images per second over {iterations} timed forwards after {warmup} warm-up "
-                f"forwards, each of {batch_size} image(s) x {crops} crop(s), model forward only"
+                f"images per second from the median of {iterations} timed forwards after "
+                f"{warmup} warm-up forwards, each of {batch_size} image(s) x {crops} crop(s), "
+                "model forward only"
             ),
             memory_measure=timing["memory_measure"],
         )

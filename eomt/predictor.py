@@ -16,6 +16,7 @@ from eomt.data.categories import ade20k_categories, cityscapes_categories
 from eomt.data.images import IMAGE_SUFFIXES, rgb_pixels
 from eomt.inference import autocast_for, resize_and_pad, restore_logits, to_uint8
 from eomt.pictures import draw_query_masks
+from eomt.runtime import FastForward
 from eomt.tasks import get_task, infer
 from eomt.weights import load_model
 
@@ -122,18 +123,20 @@ class Predictor:
     files `write_predictions` writes). `predict(images, task)` does the same for a batch.
     """
 
-    def __init__(self, model, cfg, categories: list[dict], device=None):
+    def __init__(self, model, cfg, categories: list[dict], device=None, **runtime):
         self.cfg, self.categories = cfg, categories
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = model.to(device).eval()
         num_classes = getattr(model, "num_classes", len(categories))
         if len(categories) != num_classes:
             raise ValueError(f"{len(categories)} categories for a model of {num_classes} classes")
+        # `runtime`: FastForward's compile_mode, sdpa_backend and weights_dtype.
+        self.forward = FastForward(model.to(device), **runtime)
+        self.model = self.forward.model
 
     @classmethod
     def from_checkpoint(
-        cls, path, device=None, categories=None, base_weights=None, image_size=None
+        cls, path, device=None, categories=None, base_weights=None, image_size=None, **runtime
     ) -> "Predictor":
         """Any checkpoint `eomt.from_checkpoint` reads. Ours carry their config and class
         names; `categories` (a name or a JSON file, see `read_categories`) names the classes
@@ -141,7 +144,7 @@ class Predictor:
         model, cfg, own_categories = load_model(path, base_weights, image_size)
         if categories is not None:
             own_categories = read_categories(categories)
-        return cls(model, cfg, own_categories, device)
+        return cls(model, cfg, own_categories, device, **runtime)
 
     @property
     def device(self) -> torch.device:
@@ -154,7 +157,7 @@ class Predictor:
         """Results for a batch of images (see the class docstring) of any sizes."""
         task = get_task(task or self.cfg.task)
         tensors = [as_image_tensor(image) for image in images]
-        results = infer(self.model, tensors, self.cfg, self.categories, [task.name])
+        results = infer(self.forward, tensors, self.cfg, self.categories, [task.name])
         return [task.public(result[task.name], self.categories) for result in results]
 
     @torch.no_grad()
@@ -174,7 +177,7 @@ class Predictor:
         model.attn_mask_probs.fill_(1.0)
         try:
             with autocast_for(self.device, self.cfg.solver.amp):
-                predictions = model(padded[None])
+                predictions = self.forward(padded[None])
         finally:
             model.masked_attn = saved[0]
             model.attn_mask_probs.copy_(saved[1])

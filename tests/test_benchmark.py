@@ -216,8 +216,8 @@ def test_fps_device_is_checked_before_building():
 @pytest.mark.slow
 def test_compiled_cpu_fps():
     cfg = get_cfg(TINY_CONFIG, HAND_OVERRIDES)
-    result = benchmark(cfg, flops=False, fps=True, compile_model=True, warmup=1, iterations=2)
-    assert result["compiled"] and result["fps"] > 0
+    result = benchmark(cfg, flops=False, fps=True, compile_mode="default", warmup=1, iterations=2)
+    assert result["compile_mode"] == "default" and result["fps"] > 0
 
 
 @pytest.mark.gpu

@@ -6,7 +6,15 @@ import torch
 
 from eomt.weights.files import save_weights
 from tests.test_weights import CLASSES, DINOV2, DINOV3, QUERIES, SIZE, tiny_model
-from tools.export_onnx import InferenceGraph, check, check_inputs, export, main, parse_args
+from tools.export_onnx import (
+    InferenceGraph,
+    check,
+    check_inputs,
+    export,
+    main,
+    onnx_provider,
+    parse_args,
+)
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -41,7 +49,36 @@ def test_export_tool_from_a_checkpoint(tmp_path, capsys):
     differences = main(parse_args(args))
     assert max(differences.values()) < 1e-3
     assert output.is_file()
-    assert "real-looking: max |onnxruntime - PyTorch|" in capsys.readouterr().out
+    assert (
+        f"real-looking: max |onnxruntime ({onnx_provider()}) - PyTorch|" in capsys.readouterr().out
+    )
     # Masked attention is off in the graph whatever the model's mode.
     graph = InferenceGraph(model)
     assert graph.model.masked_attn == "never" and not graph.model.training
+
+
+def test_fp16_graph_takes_and_returns_float16_and_leaves_the_model_float32(tmp_path):
+    import onnx
+
+    model, _ = tiny_model()
+    path = export(model, tmp_path / "eomt_fp16.onnx", (SIZE, SIZE), precision="fp16")
+    assert next(model.parameters()).dtype == torch.float32
+    graph = onnx.load(str(path))
+    onnx.checker.check_model(graph)
+    float16 = onnx.TensorProto.FLOAT16
+    assert graph.graph.input[0].type.tensor_type.elem_type == float16
+    assert all(out.type.tensor_type.elem_type == float16 for out in graph.graph.output)
+    assert {init.data_type for init in graph.graph.initializer if init.dims} == {float16}
+    # Against PyTorch in float32: half precision, logits of order 1-10.
+    differences = check(model, path, check_inputs((SIZE, SIZE)))
+    assert 0 < max(differences.values()) < 5e-2
+
+
+def test_export_tool_checks_fp16_with_its_tolerance(tmp_path, capsys):
+    model, cfg = tiny_model()
+    save_weights(model, cfg, None, tmp_path / "model.safetensors")
+    args = ["--weights", str(tmp_path / "model.safetensors"), "--output", str(tmp_path / "h.onnx")]
+    main(parse_args([*args, "--precision", "fp16"]))
+    assert f"({onnx_provider()})" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="> tolerance 1e-06"):
+        main(parse_args([*args, "--precision", "fp16", "--tolerance", "1e-6"]))

@@ -3,6 +3,8 @@
     python tools/benchmark.py --config-file configs/coco/panoptic/eomt_large_640.yaml
     python tools/benchmark.py --config-file CFG1 CFG2 --table
     python tools/benchmark.py --config-file CFG --fps --device cuda --compile
+    python tools/benchmark.py --config-file CFG --fps --device cuda --compile max-autotune \
+        --sdpa-backend cudnn --weights-dtype bf16
     python tools/benchmark.py --config-file CFG model.masked_attn=always   # EoMT w/ masking
 
 One JSON line per config (or, with --table, one markdown table). GFLOPs: fvcore's count of the
@@ -15,6 +17,7 @@ import json
 
 from eomt.benchmark import benchmark
 from eomt.config import get_cfg
+from eomt.runtime import COMPILE_MODES, SDPA_BACKENDS, WEIGHT_DTYPES
 
 
 def parse_args(argv=None):
@@ -25,9 +28,27 @@ def parse_args(argv=None):
     parser.add_argument("--fps", action="store_true", help="also time the inference forward")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="for --fps")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward, for --fps")
-    parser.add_argument("--compile", action="store_true", help="torch.compile before timing")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default="none",
+        choices=COMPILE_MODES,
+        help="torch.compile mode before timing (no value: default)",
+    )
+    parser.add_argument(
+        "--sdpa-backend", default="auto", choices=SDPA_BACKENDS, help="attention kernel"
+    )
+    parser.add_argument(
+        "--weights-dtype",
+        default="fp32",
+        choices=sorted(WEIGHT_DTYPES),
+        help="cast the weights once (bf16, fp16) instead of autocasting them at every forward",
+    )
     parser.add_argument("--warmup", type=int, help="warm-up forwards (default: 50 CUDA, 2 CPU)")
-    parser.add_argument("--iterations", type=int, help="timed forwards (default: 500 CUDA, 10 CPU)")
+    parser.add_argument(
+        "--iterations", type=int, help="timed forwards, FPS from the median (500 CUDA, 10 CPU)"
+    )
     parser.add_argument(
         "--image-size",
         type=int,
@@ -79,7 +100,9 @@ def main(args) -> None:
                 fps=args.fps,
                 device=args.device,
                 batch_size=args.batch_size,
-                compile_model=args.compile,
+                compile_mode=args.compile,
+                sdpa_backend=args.sdpa_backend,
+                weights_dtype=args.weights_dtype,
                 image_size=args.image_size,
                 warmup=args.warmup,
                 iterations=args.iterations,

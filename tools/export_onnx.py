@@ -2,16 +2,20 @@
 
     python tools/export_onnx.py --weights eomt.safetensors --output eomt.onnx
     python tools/export_onnx.py --weights pytorch_model.bin --output eomt.onnx --image photo.jpg
+    python tools/export_onnx.py --weights eomt.safetensors --output eomt_fp16.onnx --precision fp16
 
 The graph takes images (B, 3, H, W) in [0, 1] at the model's input size (resize and pad them
 as eomt.inference.resize_and_pad does) and returns the final `mask_logits`
 (B, K, H/4, W/4) and `class_logits` (B, K, C+1), with masked attention off as at inference.
 Post-processing stays in Python: eomt.evaluation.postprocess takes these logits. The check runs
 a random input and a real-looking one (--image, or a synthetic scene) through both and fails
-when any logit differs by more than --tolerance (default 1e-3).
+when any logit differs by more than --tolerance (default 1e-3; 5e-2 for --precision fp16,
+whose graph takes and returns float16 and holds float16 weights, for GPU deployment). The
+check runs on onnxruntime's CUDA provider when it has one, else on the CPU.
 """
 
 import argparse
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -39,11 +43,26 @@ class InferenceGraph(nn.Module):
         return prediction["mask_logits"], prediction["class_logits"]
 
 
-def export(model, path: str | Path, image_size, batch_size: int = 1, opset: int = 18) -> Path:
-    """Write the inference graph with a dynamic batch dimension (creating the folder)."""
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16}
+DEFAULT_TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}
+
+
+def export(
+    model,
+    path: str | Path,
+    image_size,
+    batch_size: int = 1,
+    opset: int = 18,
+    precision: str = "fp32",
+) -> Path:
+    """Write the inference graph with a dynamic batch dimension (creating the folder), its
+    weights, inputs and outputs in `precision`; `model` itself is left as it is."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    graph = InferenceGraph(model)
-    example = torch.rand(batch_size, 3, *image_size)
+    dtype = PRECISIONS[precision]
+    graph = InferenceGraph(copy.deepcopy(model).to(dtype))
+    example = torch.rand(batch_size, 3, *image_size, dtype=dtype)
     torch.onnx.export(
         graph,
         (example,),
@@ -57,18 +76,34 @@ def export(model, path: str | Path, image_size, batch_size: int = 1, opset: int 
     return Path(path)
 
 
-def check(model, path: str | Path, inputs: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Largest |onnxruntime - PyTorch| over both outputs, per named input batch."""
+def onnx_provider() -> str:
+    """onnxruntime's CUDA provider when this install has one, else the CPU's."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    graph = InferenceGraph(model)
+    available = onnxruntime.get_available_providers()
+    return (
+        "CUDAExecutionProvider" if "CUDAExecutionProvider" in available else "CPUExecutionProvider"
+    )
+
+
+def check(
+    model, path: str | Path, inputs: dict[str, torch.Tensor], provider: str | None = None
+) -> dict[str, float]:
+    """Largest |onnxruntime - PyTorch float32| over both outputs, per named input batch; the
+    inputs are cast to the graph's input type."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=[provider or onnx_provider()])
+    input_type = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+    graph = InferenceGraph(copy.deepcopy(model).float())
     differences = {}
     for name, images in inputs.items():
         with torch.no_grad():
-            expected = graph(images)
-        got = session.run(list(OUTPUT_NAMES), {"images": images.numpy()})
-        differences[name] = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
+            expected = graph(images.float())
+        got = session.run(list(OUTPUT_NAMES), {"images": images.numpy().astype(input_type)})
+        differences[name] = max(
+            float(np.abs(g.astype(np.float32) - e.numpy()).max()) for g, e in zip(got, expected)
+        )
     return differences
 
 
@@ -97,7 +132,10 @@ def parse_args(argv=None):
     parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"))
     parser.add_argument("--image", help="a photo for the check (default: a synthetic scene)")
     parser.add_argument("--opset", type=int, default=18)
-    parser.add_argument("--tolerance", type=float, default=1e-3)
+    parser.add_argument(
+        "--precision", default="fp32", choices=sorted(PRECISIONS), help="of the graph"
+    )
+    parser.add_argument("--tolerance", type=float, help="default: 1e-3 fp32, 5e-2 fp16")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
     return parser.parse_args(argv)
 
@@ -105,16 +143,21 @@ def parse_args(argv=None):
 def main(args) -> dict[str, float]:
     model, cfg, _ = load_model(args.weights, args.base_weights, args.image_size)
     image_size = tuple(cfg.input.image_size)
-    path = export(model, args.output, image_size, opset=args.opset)
-    print(f"wrote {path} (input images (B, 3, {image_size[0]}, {image_size[1]}) in [0, 1])")
+    path = export(model, args.output, image_size, opset=args.opset, precision=args.precision)
+    print(
+        f"wrote {path} (input images (B, 3, {image_size[0]}, {image_size[1]}) in [0, 1], "
+        f"{args.precision})"
+    )
     if args.no_check:
         return {}
-    differences = check(model, path, check_inputs(image_size, args.image))
+    provider = onnx_provider()
+    differences = check(model, path, check_inputs(image_size, args.image), provider)
     for name, difference in differences.items():
-        print(f"{name}: max |onnxruntime - PyTorch| = {difference:.2e}")
+        print(f"{name}: max |onnxruntime ({provider}) - PyTorch| = {difference:.2e}")
     worst = max(differences.values())
-    if worst > args.tolerance:
-        raise SystemExit(f"ONNX outputs differ by {worst:.2e} > tolerance {args.tolerance}")
+    tolerance = args.tolerance or DEFAULT_TOLERANCE[args.precision]
+    if worst > tolerance:
+        raise SystemExit(f"ONNX outputs differ by {worst:.2e} > tolerance {tolerance}")
     return differences
 
 
