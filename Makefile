@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint
+.PHONY: install demo test lint gpu-wheels gpu-check
 
 # One install step for everything: the virtual environment, the pinned stack, this package (editable).
 $(STAMP): requirements.txt setup.py
@@ -23,3 +23,24 @@ lint: $(STAMP)
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# The GPU machine (its own python3 with PyTorch, no package registry): `make gpu-wheels` here
+# puts what its image lacks into .whl/ (git-ignored; carried with the call), then
+# `make gpu-check GPU_OUT=$$OUT` there installs it offline and runs tools/gpu_check.py.
+# `make gpu-check DEVICE=cpu` is the dry run of every step at tiny sizes, in this venv.
+DEVICE ?= cuda
+GPU_OUT ?= output/gpu_check
+GPU_SITE ?= /tmp/eomt_gpu_site
+
+gpu-wheels: $(STAMP)
+	$(PY) tools/gpu_check.py --build-wheels .whl
+
+ifeq ($(DEVICE),cpu)
+gpu-check: $(STAMP)
+	$(PY) tools/gpu_check.py --device cpu --output $(GPU_OUT)
+else
+gpu-check:
+	test -n "$$(ls .whl/*.whl 2>/dev/null)" || { echo "no .whl/: run make gpu-wheels first (needs PyPI)"; exit 1; }
+	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) python3 tools/gpu_check.py --device cuda --output $(GPU_OUT)
+endif

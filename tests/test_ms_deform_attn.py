@@ -312,17 +312,27 @@ def test_triton_kernels_compile_for_h100_without_a_gpu():
         assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
 
 
+@pytest.mark.gpu
 @needs_triton
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("value_dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernels_match_pytorch_on_gpu(value_dtype):
-    # Pixel-decoder-like sizes at a 256x256 input: levels at 1/8, 1/16, 1/32, every position
-    # a query. bf16 values with float32 locations and weights, as under autocast.
-    shapes = [(32, 32), (16, 16), (8, 8)]
+@pytest.mark.parametrize("input_size, batch", [(256, 2), (640, 1)])
+def test_triton_kernels_match_pytorch_on_gpu(value_dtype, input_size, batch):
+    # The pixel decoder's levels at 1/8, 1/16, 1/32 of the input (640: the paper's 80x80,
+    # 40x40 and 20x20 maps), every position a query, its 8 heads of 32 channels and 4 points.
+    # bf16 values with float32 locations and weights, as under autocast.
+    shapes = [(input_size // s, input_size // s) for s in (8, 16, 32)]
+    queries = sum(h * w for h, w in shapes)
     value, spatial_shapes, level_start_index, locations, weights = (
         t.cuda()
         for t in random_inputs(
-            shapes, batch=2, queries=1344, heads=8, head_dim=32, points=4, dtype=torch.float32
+            shapes,
+            batch=batch,
+            queries=queries,
+            heads=8,
+            head_dim=32,
+            points=4,
+            dtype=torch.float32,
         )
     )
     value = value.to(value_dtype)

@@ -1,0 +1,117 @@
+"""tools/gpu_check.py: its CPU dry run (every step at tiny sizes) and its wheel step."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tools import gpu_check
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    """One dry run in a fresh process, as `make gpu-check DEVICE=cpu` starts it (about a
+    minute on 2 cores: one torch.compile)."""
+    output = tmp_path_factory.mktemp("gpu_check")
+    done = subprocess.run(
+        [sys.executable, "tools/gpu_check.py", "--device", "cpu", "--output", str(output)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((output / "gpu_check.json").read_text()), done.stdout
+
+
+def test_every_step_runs_without_error(dry_run):
+    record, _ = dry_run
+    assert list(record["steps"]) == list(gpu_check.STEPS)
+    for name, result in record["steps"].items():
+        assert "error" not in result, (name, result)
+        assert "skipped" not in result or name == "autotune", (name, result)
+    assert record["steps"]["tests"]["returncode"] == 0
+
+
+def test_fast_path_options_agree_with_eager_float32(dry_run):
+    record, _ = dry_run
+    variants = {
+        (v["compile_mode"], v["sdpa_backend"], v["weights_dtype"]): v
+        for v in record["steps"]["fast_path"]["variants"]
+    }
+    assert set(variants) == set(gpu_check.FAST_PATH_VARIANTS["cpu"])
+    assert all(v["agrees"] and v["fps"] > 0 for v in variants.values())
+    # float32 paths (torch.compile among them) compute the eager function to rounding;
+    # bf16 weights differ by more than rounding but within bf16.
+    for key, variant in variants.items():
+        if key[2] == "fp32":
+            assert variant["relative_error"] < 1e-5, key
+        else:
+            assert 1e-4 < variant["relative_error"] < gpu_check.AGREEMENT_TOLERANCE, key
+
+
+def test_fps_table_training_batched_demo_and_onnx_are_measured(dry_run):
+    record, stdout = dry_run
+    steps = record["steps"]
+    rows = {**steps["headline"], **steps["table"]}
+    assert set(gpu_check.MODELS) - set(rows) == {"EoMT-L 640"}  # in fast_path
+    for name, row in rows.items():
+        if isinstance(row, dict):
+            assert row["agrees"] and row["fps"] > 0 and row["paper_fps"] > 0, name
+    assert steps["headline"]["eomt_over_m2f"] > 0
+    training = steps["training"]
+    assert len(training["losses"]) == training["steps"] and 0 < training["loss_fraction"] < 1
+    (batch,) = steps["batched"]["batches"]
+    assert batch["images_per_second"] > 0 and 0 < batch["share_of_matmul_ceiling"] < 1
+    assert steps["batched"]["flops_per_image"] > 0
+    demo = steps["demo"]
+    assert demo["last_loss"] < demo["first_loss"] and 0 <= demo["pq"] <= 100
+    assert steps["onnx"]["fp32"]["max_abs_difference"] < 1e-3
+    assert steps["onnx"]["fp16"]["max_abs_difference"] < 5e-2
+    # The table comes last, with a row per model.
+    table = stdout[stdout.index("| Model (batch 1) |") :]
+    assert all(f"| {name} | " in table for name in gpu_check.MODELS)
+    assert "EoMT-L / M2F-L 640" in table and "CPU dry run at tiny sizes" in stdout
+
+
+def test_a_step_past_the_budget_is_recorded_as_skipped(tmp_path):
+    args = gpu_check.parse_args(["--device", "cpu", "--output", str(tmp_path), "--budget-s", "0"])
+    args.steps = "environment,matmul"
+    record = gpu_check.main(args)
+    assert record["steps"] == {
+        "environment": {"skipped": "time budget"},
+        "matmul": {"skipped": "time budget"},
+    }
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["steps"] == record["steps"]
+
+
+def test_arguments_are_checked(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--device", "cpu", "--steps", "fps,tests"])
+    assert "unknown ['fps']" in capsys.readouterr().err
+    if not gpu_check.torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device here; the dry run is --device cpu"):
+            gpu_check.main(gpu_check.parse_args(["--device", "cuda"]))
+
+
+def test_wheels_are_downloaded_for_python_3_12_or_built_from_source(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        source_only = "download" in command and command[-1].startswith("fvcore")
+        return subprocess.CompletedProcess(command, 1 if source_only else 0)
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
+    gpu_check.build_wheels(tmp_path / "wheels")
+    downloads = [c for c in calls if "download" in c]
+    assert [c[-1] for c in downloads] == gpu_check.GPU_WHEELS
+    assert all(
+        "--python-version" in c and c[c.index("--python-version") + 1] == "3.12" for c in downloads
+    )
+    (built,) = [c for c in calls if "wheel" in c]
+    assert built[-1].startswith("fvcore") and "--no-deps" in built

@@ -1,0 +1,632 @@
+"""Everything that needs a GPU, in one command that ends within 8 minutes on the GPU machine.
+
+    make gpu-wheels                  # here, with PyPI: .whl/ holds what the GPU image lacks
+    make gpu-check GPU_OUT=$OUT      # there: installs .whl/ offline, then runs this script
+    make gpu-check DEVICE=cpu        # the dry run: every step at tiny sizes on the CPU
+    python tools/gpu_check.py --device cuda --output DIR [--steps table,demo] [--budget-s 420]
+
+The GPU machine has its own Python 3.12 and PyTorch (2.11 when this was written) and no
+package registry: `--build-wheels DIR` downloads or builds, here, the wheels of the packages
+its image lacks (`GPU_WHEELS`). Steps, in this order (a step or model that would start after
+`--budget-s` seconds is recorded as skipped; `--steps` runs a subset, e.g. what a first call
+left out):
+
+  environment  versions, GPU, attention kernels available
+  matmul       the bf16 matrix-multiply rate (8192^3): the ceiling throughput is compared with
+  tests        pytest -m gpu: bf16 inference, a masked training step, the Triton deformable
+               attention against the PyTorch path (forward and gradients, bf16 and fp32)
+  fast_path    EoMT-L 640 at batch 1 with each runtime option (eomt/runtime.py): FPS, and the
+               relative error of its outputs against the eager float32 forward
+  headline     ViT-Adapter + M2F-L 640 with the fastest agreeing option: the 4.4x of the paper
+  training     EoMT-L 640 training steps, 4 images, masked attention in every query block
+  batched      EoMT-L 640 at batch 8 and 32: images/s and the share of the matmul ceiling
+  table        the rest of the paper's FPS table (S/B/g, L at 1280, L with masking, M2F S/B/g)
+  demo         the synthetic demo config trained on the device: the loss falls, PQ is scored
+  autotune     EoMT-L 640 with torch.compile mode max-autotune (slow to compile)
+  onnx         EoMT-S 640 exported in fp32 and fp16, checked with onnxruntime
+
+Weights are random (nothing is downloaded). The full record goes to OUTPUT/gpu_check.json,
+rewritten after every step (a killed run keeps what it measured); the table comes last.
+"""
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from eomt.benchmark import (
+    count_flops,
+    count_parameters,
+    matmul_rate,
+    measure_training,
+    peak_memory_mb,
+    time_forwards,
+)
+from eomt.config import get_cfg
+from eomt.inference import autocast_for
+from eomt.modeling import build_model
+from eomt.runtime import FastForward
+
+REPO = Path(__file__).resolve().parents[1]
+P = "configs/coco/panoptic"
+# (name, config, FPS in the paper: H100, batch 1, FlashAttention-2, torch.compile, AMP)
+MODELS = {
+    "EoMT-L 640": (f"{P}/eomt_large_640.yaml", 128),
+    "M2F-L 640": (f"{P}/m2f_vit_adapter_large_640.yaml", 29),
+    "EoMT-S 640": (f"{P}/eomt_small_640.yaml", 330),
+    "EoMT-B 640": (f"{P}/eomt_base_640.yaml", 261),
+    "EoMT-g 640": (f"{P}/eomt_giant_640.yaml", 55),
+    "EoMT-L 1280": (f"{P}/eomt_large_1280.yaml", 30),
+    "EoMT-L 640 w/ masking": (f"{P}/eomt_large_640_masking.yaml", 61),
+    "M2F-S 640": (f"{P}/m2f_vit_adapter_small_640.yaml", 33),
+    "M2F-B 640": (f"{P}/m2f_vit_adapter_base_640.yaml", 32),
+    "M2F-g 640": (f"{P}/m2f_vit_adapter_giant_640.yaml", 20),
+}
+# The dry run's stand-in for every model: the same configs, a 4-block ViT of width 32 and a
+# tenth of the input size.
+TINY_OVERRIDES = [
+    "model.backbone_kwargs={embed_dim: 32, depth: 4, num_heads: 2}",
+    "model.num_queries=8",
+    "model.num_query_blocks=2",
+    "m2f.hidden_dim=32",
+    "m2f.num_heads=4",
+    "m2f.dim_feedforward=64",
+    "m2f.enc_layers=1",
+    "m2f.enc_dim_feedforward=64",
+    "m2f.dec_layers=3",
+    "loss.num_points=256",
+]
+# (compile mode, SDPA kernel, weights dtype), cheapest first; CUDA and the CPU dry run.
+FAST_PATH_VARIANTS = {
+    "cuda": [
+        ("none", "auto", "fp32"),
+        ("none", "flash", "fp32"),
+        ("none", "cudnn", "fp32"),
+        ("none", "efficient", "fp32"),
+        ("none", "auto", "bf16"),
+        ("default", "auto", "fp32"),
+        ("default", "auto", "bf16"),
+        ("default", "cudnn", "bf16"),
+        ("reduce-overhead", "auto", "bf16"),
+    ],
+    "cpu": [
+        ("none", "auto", "fp32"),
+        ("none", "math", "fp32"),
+        ("none", "auto", "bf16"),
+        ("default", "auto", "fp32"),
+    ],
+}
+AUTOTUNE_VARIANT = ("max-autotune", "auto", "bf16")
+# Largest relative L2 error of a variant's logits against the eager float32 forward: bf16 over
+# up to 40 blocks; float32 variants land near 1e-6.
+AGREEMENT_TOLERANCE = 5e-2
+GPU_TEST_FILES = ["tests/test_gpu.py", "tests/test_ms_deform_attn.py", "tests/test_benchmark.py"]
+# Packages the GPU image lacks (its own torch, numpy, scipy, pillow, safetensors, tqdm, pyyaml,
+# tabulate, portalocker and onnxruntime are used); timm is carried to match the pinned one.
+GPU_WHEELS = [
+    "omegaconf==2.4.0",
+    "pycocotools==2.0.11",
+    "timm==1.0.31",
+    "fvcore==0.1.5.post20221221",
+    "iopath==0.1.10",
+    "yacs==0.1.8",
+    "termcolor==3.3.0",
+]
+WHEEL_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+STEPS = (
+    "environment",
+    "matmul",
+    "tests",
+    "fast_path",
+    "headline",
+    "training",
+    "batched",
+    "table",
+    "demo",
+    "autotune",
+    "onnx",
+)
+
+
+class Run:
+    """The record of one gpu_check run, its time budget and its sizes for the device."""
+
+    def __init__(self, device: str, output: Path, budget_s: float):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.output = output
+        self.budget_s = budget_s
+        self.start = time.perf_counter()
+        self.record: dict = {"device": device, "budget_s": budget_s, "steps": {}}
+        # Timing sizes: many forwards on a GPU, a few on the CPU.
+        self.warmup, self.iterations = (20, 200) if self.cuda else (1, 3)
+        # Where the chosen option fails for a model (say bf16 weights in a custom kernel).
+        self.fallback_variant = (
+            ("default", "auto", "fp32") if self.cuda else ("none", "auto", "fp32")
+        )
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def out_of_time(self) -> bool:
+        return self.elapsed() > self.budget_s
+
+    def save(self) -> None:
+        self.record["elapsed_s"] = round(self.elapsed(), 1)
+        self.output.mkdir(parents=True, exist_ok=True)
+        (self.output / "gpu_check.json").write_text(json.dumps(self.record, indent=1) + "\n")
+
+    def cfg(self, name: str, extra: list[str] = ()):
+        config, _ = MODELS[name]
+        overrides = ["model.pretrained=false", *extra]
+        if not self.cuda:
+            size = get_cfg(REPO / config).input.image_size[0] // 10
+            overrides = [*overrides, *TINY_OVERRIDES, f"input.image_size=[{size}, {size}]"]
+        return get_cfg(REPO / config, overrides)
+
+    def build(self, cfg):
+        torch.manual_seed(0)
+        with torch.device(self.device):  # random init on the device: seconds, not minutes
+            return build_model(cfg, backbone_weights=False).eval()
+
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def release_compiled() -> None:
+    """Forget compiled graphs: models of one class share their forward's code object, whose
+    compile cache holds 8 entries before it falls back to eager without a word."""
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def relative_error(outputs: list[dict], reference: list[dict]) -> float:
+    """Largest ||a - b|| / ||b|| over the final prediction's logits."""
+    got, expected = outputs[-1], reference[-1]
+    return max(
+        float((got[key].float() - expected[key]).norm() / expected[key].norm()) for key in expected
+    )
+
+
+def measure_model(run: Run, model, image_size, variant, batch_size: int = 1) -> dict:
+    """FPS of `model` (a copy is run) with one runtime option, its agreement with the eager
+    float32 forward, peak memory and compile time."""
+    compile_mode, sdpa_backend, weights_dtype = variant
+    generator = torch.Generator().manual_seed(1)
+    images = torch.rand(batch_size, 3, *image_size, generator=generator)
+    images = images.to(run.device)
+    with torch.no_grad():
+        reference = [{k: v.float() for k, v in p.items()} for p in model(images)]
+    forward = FastForward(copy.deepcopy(model), compile_mode, sdpa_backend, weights_dtype)
+    if run.cuda:
+        torch.cuda.reset_peak_memory_stats(run.device)
+    try:
+        with autocast_for(run.device, "bf16"):
+            start = time.perf_counter()
+            with torch.no_grad():
+                outputs = forward(images)
+            run.synchronize()
+            first_forward_s = time.perf_counter() - start
+            times = time_forwards(forward, images, run.warmup, run.iterations)
+        error = relative_error(outputs, reference)
+        median_ms = statistics.median(times)
+        return {
+            "compile_mode": compile_mode,
+            "sdpa_backend": sdpa_backend,
+            "weights_dtype": weights_dtype,
+            "batch_size": batch_size,
+            "fps": round(batch_size * 1000 / median_ms, 2),
+            "median_ms": round(median_ms, 3),
+            "min_ms": round(min(times), 3),
+            "max_ms": round(max(times), 3),
+            "iterations": len(times),
+            "warmup": run.warmup,
+            "first_forward_s": round(first_forward_s, 1),
+            "relative_error": error,
+            "agrees": error < AGREEMENT_TOLERANCE,
+            "peak_memory_mb": round(peak_memory_mb(run.device), 1),
+        }
+    finally:
+        del forward
+        release_compiled()
+
+
+def measure_safely(run: Run, model, image_size, variant, batch_size: int = 1) -> dict:
+    """`measure_model`, or the variant and the error that stopped it (a kernel a device lacks,
+    a compile failure): one option failing does not end the check."""
+    try:
+        return measure_model(run, model, image_size, variant, batch_size)
+    except Exception as error:  # recorded, not raised: the other variants still run
+        release_compiled()
+        return {"variant": list(variant), "error": f"{type(error).__name__}: {error}"[:500]}
+
+
+def best_variant(run: Run) -> tuple:
+    """The fastest agreeing variant of the fast_path step (else eager with autocast)."""
+    measured = run.record["steps"].get("fast_path", {}).get("variants", [])
+    agreeing = [m for m in measured if m.get("agrees")]
+    if not run.cuda:  # the dry run compiles once, in fast_path: compiling on a CPU takes minutes
+        agreeing = [m for m in agreeing if m["compile_mode"] == "none"]
+    if not agreeing:
+        return run.fallback_variant
+    fastest = max(agreeing, key=lambda m: m["fps"])
+    return fastest["compile_mode"], fastest["sdpa_backend"], fastest["weights_dtype"]
+
+
+def fps_entry(run: Run, name: str, variants: list[tuple]) -> dict:
+    """One row of the FPS table: the first of `variants` that runs and agrees."""
+    cfg = run.cfg(name)
+    model = run.build(cfg)
+    entry = {"config": MODELS[name][0], "paper_fps": MODELS[name][1]}
+    entry["params"] = count_parameters(model)
+    for variant in variants:
+        result = measure_safely(run, model, cfg.input.image_size, variant)
+        entry.setdefault("tried", []).append(result)
+        if result.get("agrees"):
+            entry.update(result)
+            entry["ratio_to_paper"] = round(result["fps"] / entry["paper_fps"], 2)
+            break
+    del model
+    release_compiled()
+    return entry
+
+
+# -- steps --------------------------------------------------------------------------------------
+
+
+def step_environment(run: Run) -> dict:
+    import timm
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if run.cuda:
+        properties = torch.cuda.get_device_properties(run.device)
+        info.update(
+            gpu=properties.name,
+            capability=list(torch.cuda.get_device_capability(run.device)),
+            memory_gib=round(properties.total_memory / 2**30, 1),
+            multiprocessors=properties.multi_processor_count,
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            sdpa_enabled={
+                "flash": torch.backends.cuda.flash_sdp_enabled(),
+                "efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+                "cudnn": torch.backends.cuda.cudnn_sdp_enabled(),
+                "math": torch.backends.cuda.math_sdp_enabled(),
+            },
+        )
+    return info
+
+
+def step_matmul(run: Run) -> dict:
+    return matmul_rate(run.device, 8192 if run.cuda else 512)
+
+
+def step_tests(run: Run) -> dict:
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider"]
+    timeout = max(run.budget_s - run.elapsed(), 30)
+    try:
+        done = subprocess.run(
+            [*command, *GPU_TEST_FILES],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"pytest -m gpu did not end within {timeout:.0f} s"}
+    lines = done.stdout.strip().splitlines()
+    return {
+        "command": " ".join(command[2:] + GPU_TEST_FILES),
+        "returncode": done.returncode,
+        "summary": lines[-1] if lines else "",
+        "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))],
+    }
+
+
+def step_fast_path(run: Run, variants=None) -> dict:
+    name = "EoMT-L 640"
+    cfg = run.cfg(name)
+    model = run.build(cfg)
+    results = []
+    for variant in variants or FAST_PATH_VARIANTS[run.device.type]:
+        if run.out_of_time():
+            results.append({"variant": list(variant), "skipped": "time budget"})
+            continue
+        results.append(measure_safely(run, model, cfg.input.image_size, variant))
+        print(f"  {name} {variant}: {json.dumps(results[-1])}", flush=True)
+    return {"model": name, "config": MODELS[name][0], "variants": results}
+
+
+def step_headline(run: Run) -> dict:
+    entry = fps_entry(run, "M2F-L 640", [best_variant(run), run.fallback_variant])
+    result = {"M2F-L 640": entry}
+    eomt = run.record["steps"].get("fast_path", {}).get("variants", [])
+    eomt_best = max((m for m in eomt if m.get("agrees")), key=lambda m: m["fps"], default=None)
+    if eomt_best is not None and "fps" in entry:
+        result["eomt_over_m2f"] = round(eomt_best["fps"] / entry["fps"], 2)
+    return result
+
+
+def step_training(run: Run) -> dict:
+    cfg = run.cfg("EoMT-L 640")
+    batch, steps = (4, 10) if run.cuda else (2, 2)
+    result = measure_training(
+        cfg, run.device, batch_size=batch, warmup=3 if run.cuda else 1, steps=steps
+    )
+    result["config"] = MODELS["EoMT-L 640"][0]
+    return result
+
+
+def step_batched(run: Run) -> dict:
+    cfg = run.cfg("EoMT-L 640")
+    model = run.build(cfg)
+    height, width = cfg.input.image_size
+    with torch.no_grad():
+        flops = count_flops(model, torch.rand(1, 3, height, width, device=run.device))["flops"]
+    ceiling = run.record["steps"].get("matmul", {}).get("tflops")
+    result = {"flops_per_image": flops, "matmul_tflops": ceiling, "batches": []}
+    for batch_size in (8, 32) if run.cuda else (2,):
+        if run.out_of_time():
+            result["batches"].append({"batch_size": batch_size, "skipped": "time budget"})
+            continue
+        measured = measure_safely(run, model, (height, width), best_variant(run), batch_size)
+        if "fps" in measured:
+            # fvcore counts multiply-adds: 2 FLOPs each, as the matmul rate counts them.
+            achieved = measured["fps"] * 2 * flops / 1e12
+            measured["images_per_second"] = measured.pop("fps")
+            measured["achieved_tflops"] = float(f"{achieved:.3g}")
+            if ceiling:
+                measured["share_of_matmul_ceiling"] = round(achieved / ceiling, 3)
+        result["batches"].append(measured)
+    return result
+
+
+def step_table(run: Run) -> dict:
+    done = set(run.record["steps"].get("headline", {}))
+    rows = {}
+    for name in MODELS:
+        if name in done or name == "EoMT-L 640":
+            continue
+        if run.out_of_time():
+            rows[name] = {"skipped": "time budget"}
+            continue
+        try:
+            rows[name] = fps_entry(run, name, [best_variant(run), run.fallback_variant])
+        except Exception as error:  # recorded: the other models still run
+            rows[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
+        print(f"  {name}: {rows[name].get('fps', rows[name].get('tried'))}", flush=True)
+    return rows
+
+
+def step_demo(run: Run) -> dict:
+    """The demo config trained on the device; the loss must fall and PQ be scored."""
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_demo_"))
+    data = work / "synthetic"
+    counts = [] if run.cuda else ["--num-train", "16", "--num-val", "4"]
+    iterations = 600 if run.cuda else 4
+    python = [sys.executable]
+    timeout = max(run.budget_s - run.elapsed(), 60)
+    start = time.perf_counter()
+    try:
+        subprocess.run(
+            [*python, "datasets/prepare_synthetic.py", "--output", str(data), *counts],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        overrides = [f"dataset.root={data}", f"output_dir={work / 'run'}"]
+        overrides += [f"solver.max_iter={iterations}", f"checkpoint_period={iterations}"]
+        overrides += ["log_period=2", "test.num_vis=0", "solver.warmup_iters=[2, 2]"]
+        if run.cuda:
+            overrides += ["dataloader.num_workers=4", "solver.amp=bf16"]
+        trained = subprocess.run(
+            [
+                *python,
+                "tools/train_net.py",
+                "--config-file",
+                "configs/synthetic/eomt_tiny_panoptic.yaml",
+                *overrides,
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"did not end within {timeout:.0f} s"}
+    except subprocess.CalledProcessError as error:
+        return {"error": f"preparing the data failed: {error.stderr[-500:]}"}
+    result = {"iterations": iterations, "seconds": round(time.perf_counter() - start, 1)}
+    if trained.returncode != 0:
+        result["error"] = trained.stderr[-1000:]
+        return result
+    records = [json.loads(line) for line in (work / "run/metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    results = json.loads((work / "run/results.json").read_text())
+    result.update(
+        first_loss=losses[0],
+        last_loss=losses[-1],
+        loss_fell=losses[-1] < losses[0],
+        time_per_iter=[r["time_per_iter"] for r in records if "time_per_iter" in r][-1],
+        pq=results["panoptic"]["PQ"],
+        miou=results.get("semantic", {}).get("mIoU"),
+        ap=results.get("instance", {}).get("AP"),
+    )
+    return result
+
+
+def step_autotune(run: Run) -> dict:
+    if not run.cuda:
+        return {"skipped": "CPU dry run: max-autotune tunes GPU kernels"}
+    return step_fast_path(run, [AUTOTUNE_VARIANT])
+
+
+def step_onnx(run: Run) -> dict:
+    from eomt.deploy import check, check_inputs, export, onnx_provider
+
+    cfg = run.cfg("EoMT-S 640")
+    model = run.build(cfg).cpu()
+    size = tuple(cfg.input.image_size)
+    result = {"provider": onnx_provider()}
+    with tempfile.TemporaryDirectory() as folder:
+        for precision in ("fp32", "fp16"):
+            path = export(model, Path(folder) / f"eomt_{precision}.onnx", size, precision=precision)
+            differences = check(model, path, check_inputs(size), result["provider"])
+            result[precision] = {
+                "max_abs_difference": max(differences.values()),
+                "megabytes": round(path.stat().st_size / 2**20, 1),
+            }
+    return result
+
+
+STEP_FUNCTIONS = {name: globals()[f"step_{name}"] for name in STEPS}
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def summary_table(record: dict) -> str:
+    steps = record["steps"]
+    env = steps.get("environment", {})
+    lines = [
+        f"gpu_check on {env.get('gpu', record['device'])}: torch {env.get('torch')}, "
+        f"timm {env.get('timm')}, triton {env.get('triton')}, {record.get('elapsed_s')} s",
+        "",
+        "| Model (batch 1) | FPS | paper (H100) | ours / paper | median ms | peak MiB | option |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    if record["device"] == "cpu":
+        lines[1:1] = ["CPU dry run at tiny sizes: it tests this script; no figure is comparable."]
+    rows = {}
+    fast = [m for m in steps.get("fast_path", {}).get("variants", []) if m.get("agrees")]
+    if fast:
+        rows["EoMT-L 640"] = {**max(fast, key=lambda m: m["fps"]), "paper_fps": 128}
+    for step in ("headline", "table"):
+        rows.update({k: v for k, v in steps.get(step, {}).items() if isinstance(v, dict)})
+    for name, row in rows.items():
+        if "fps" not in row:
+            why = row.get("skipped") or row.get("error") or "no agreeing option"
+            lines.append(f"| {name} | {why[:60]} | | | | | |")
+            continue
+        option = f"{row['compile_mode']}, {row['sdpa_backend']}, {row['weights_dtype']} weights"
+        ratio = row["fps"] / row["paper_fps"]
+        lines.append(
+            f"| {name} | {row['fps']:.1f} | {row['paper_fps']} | {ratio:.2f} | "
+            f"{row['median_ms']:.2f} | {row['peak_memory_mb']:.0f} | {option} |"
+        )
+    if "eomt_over_m2f" in steps.get("headline", {}):
+        lines.append(f"\nEoMT-L / M2F-L 640: {steps['headline']['eomt_over_m2f']}x (paper 4.4x)")
+    matmul = steps.get("matmul", {})
+    if "tflops" in matmul:
+        lines.append(f"matmul {matmul['dtype']} {matmul['size']}^3: {matmul['tflops']:.3g} TFLOP/s")
+    for batch in steps.get("batched", {}).get("batches", []):
+        if "images_per_second" in batch:
+            share = batch.get("share_of_matmul_ceiling")
+            lines.append(
+                f"EoMT-L 640 batch {batch['batch_size']}: {batch['images_per_second']:.1f} "
+                f"images/s, {batch['achieved_tflops']} TFLOP/s"
+                + (f" = {100 * share:.1f}% of the matmul rate" if share else "")
+            )
+    training = steps.get("training", {})
+    if "iterations_per_second" in training:
+        lines.append(
+            f"training EoMT-L 640, {training['batch_size']} images, masked: "
+            f"{training['iterations_per_second']:.2f} it/s, peak "
+            f"{training['peak_memory_mb']:.0f} MiB, "
+            f"loss forward {100 * training['loss_fraction']:.0f}% of a step"
+        )
+    for name in ("tests", "demo", "onnx"):
+        if name in steps:
+            lines.append(f"{name}: {json.dumps(steps[name])[:300]}")
+    return "\n".join(lines)
+
+
+def build_wheels(folder: Path) -> None:
+    """Download (or build, for pure-Python source releases) GPU_WHEELS for CPython 3.12 on
+    x86-64 Linux into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    platforms = [arg for p in WHEEL_PLATFORMS for arg in ("--platform", p)]
+    for requirement in GPU_WHEELS:
+        download = [*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(folder)]
+        download += ["--python-version", "3.12", "--implementation", "cp", *platforms]
+        if subprocess.run([*download, requirement], capture_output=True).returncode != 0:
+            subprocess.run(
+                [*pip, "wheel", "-q", "--no-deps", "-w", str(folder), requirement], check=True
+            )
+    print(f"{len(list(folder.glob('*.whl')))} wheels in {folder}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--output", default="output/gpu_check", help="folder of gpu_check.json")
+    parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset")
+    parser.add_argument(
+        "--budget-s", type=float, help="start nothing after this (default: 420 cuda, 100 cpu)"
+    )
+    parser.add_argument("--build-wheels", metavar="DIR", help="only build the wheels, here")
+    args = parser.parse_args(argv)
+    unknown = set(args.steps.split(",")) - set(STEPS)
+    if unknown:
+        parser.error(f"--steps: unknown {sorted(unknown)}; the steps are {', '.join(STEPS)}")
+    if args.budget_s is None:
+        args.budget_s = 420.0 if args.device == "cuda" else 100.0
+    return args
+
+
+def main(args) -> dict:
+    if args.build_wheels:
+        build_wheels(Path(args.build_wheels))
+        return {}
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device here; the dry run is --device cpu")
+    run = Run(args.device, Path(args.output), args.budget_s)
+    wanted = args.steps.split(",")
+    for name in STEPS:
+        if name not in wanted:
+            continue
+        if run.out_of_time():
+            run.record["steps"][name] = {"skipped": "time budget"}
+            continue
+        print(f"[{run.elapsed():6.1f} s] {name}", flush=True)
+        start = time.perf_counter()
+        try:
+            result = STEP_FUNCTIONS[name](run)
+        except Exception as error:  # recorded: the later steps still run
+            result = {"error": f"{type(error).__name__}: {error}"[:1000]}
+        result["step_seconds"] = round(time.perf_counter() - start, 1)
+        run.record["steps"][name] = result
+        run.save()
+    run.save()
+    print(summary_table(run.record), flush=True)
+    return run.record
+
+
+if __name__ == "__main__":
+    main(parse_args())
