@@ -73,3 +73,12 @@ def test_predictor_runs_its_model_through_the_options(weights, image_dir):  # no
     assert (plain_labels == half_labels).float().mean() > 0.9
     masks, classes, _, _ = half.query_predictions(path, num_queries=2)  # the masked path too
     assert masks.dtype == classes.dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["anneal", "never"])
+def test_the_inference_forward_compiles_as_one_graph(images, mode):
+    # No graph break: no host synchronisation or data-dependent Python in the forward that
+    # torch.compile and CUDA graphs run.
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(tiny_eomt(mode).eval())(images)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
