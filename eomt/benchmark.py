@@ -31,7 +31,11 @@ with warnings.catch_warnings():
 
 SDPA_OP = "aten::scaled_dot_product_attention"
 # (height, width) of a typical validation image: semantic configs count its windows.
-TYPICAL_IMAGE_SIZES = {"ade20k_semantic": (512, 683), "cityscapes_semantic": (1024, 2048)}
+TYPICAL_IMAGE_SIZES = {
+    "ade20k_semantic": (512, 683),
+    "cityscapes_semantic": (1024, 2048),
+    "cityscapes_categories": (1024, 2048),
+}
 # Warm-up and timed iterations: many on a GPU as in the paper, a few on a CPU.
 DEFAULT_ITERATIONS = {"cuda": (50, 500), "cpu": (2, 10)}
 

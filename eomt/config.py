@@ -17,12 +17,13 @@ FREE_FORM_KEYS = {"model.backbone_kwargs"}
 # and the least value of a number (or of each item of a list of numbers).
 CHOICES = {
     "task": ("panoptic", "semantic", "instance"),
-    "model.name": ("eomt", "m2f"),
+    "model.name": ("eomt", "m2f", "pmt"),
     "model.masked_attn": ("anneal", "always", "never"),
     "m2f.adapter": ("vit_adapter", "simple_pyramid"),
     "m2f.pixel_decoder": ("msdeform", "none"),
     "dataset.bad_samples": ("stop", "skip"),
     "solver.amp": ("bf16", "fp16", "none"),
+    "solver.lr_schedule": ("poly", "cosine"),
     "solver.nonfinite_loss": ("stop", "skip"),
     "test.metrics": ("panoptic", "semantic", "instance"),
 }
@@ -30,6 +31,9 @@ MINIMUM = {
     "model.num_classes": 0,  # 0: the dataset's number of classes
     "model.num_queries": 1,
     "model.num_query_blocks": 1,
+    "model.frozen_blocks": -1,
+    "pmt.taps": 0,
+    "pmt.mlp_dim": 0,
     "model.patch_size": 1,
     "input.image_size": 1,
     "dataset.label_offset": 0,

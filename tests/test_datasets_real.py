@@ -382,6 +382,20 @@ def test_cityscapes_label_ids_map_to_train_ids(cityscapes_roots):
         )
 
 
+def test_cityscapes_label_ids_map_to_the_8_categories(cityscapes_roots):
+    folders, _ = cityscapes_roots
+    dataset = DATASET_LAYOUTS["cityscapes_categories"](folders, "train", None)
+    names = ["void", "flat", "construction", "object", "nature", "sky", "human", "vehicle"]
+    assert [c["name"] for c in dataset.categories] == names
+    # road (7) is flat, car (26) and bicycle (33) vehicles, unlabeled (0) void, parking (9)
+    # flat: no label id is ignored here, unlike the 19 train ids.
+    category = {7: 1, 26: 7, 33: 7, 0: 0, 9: 1}
+    expected = np.vectorize(category.get)(CITYSCAPES_IDS)
+    np.testing.assert_array_equal(dataset.read_label_map(0), expected)
+    _, target = dataset[0]
+    assert target["labels"].tolist() == [0, 1, 7]
+
+
 def test_augmentation_keeps_masks_on_their_pixels(cityscapes_roots):
     _, zips = cityscapes_roots
     dataset = DATASET_LAYOUTS["cityscapes_semantic"](zips, "train", None)

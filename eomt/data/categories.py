@@ -114,3 +114,27 @@ def cityscapes_label_lut() -> list[int]:
         if 0 <= label.id < 256 and 0 <= label.trainId < 255:
             lut[label.id] = label.trainId
     return lut
+
+
+def cityscapes_category_classes() -> list[dict]:
+    """The 8 categories of the Cityscapes label table (void, flat, construction, object,
+    nature, sky, human, vehicle) in category-id order; void is a class here, as in the
+    8-category comparisons (Cityscapes' own category score leaves it out). Each takes the
+    colour of its first label."""
+    first = {}
+    for label in CITYSCAPES_LABELS:
+        if label.id >= 0:
+            first.setdefault(label.categoryId, label)
+    return [
+        {"id": cat_id, "name": label.category, "isthing": 0, "color": list(label.color)}
+        for cat_id, label in sorted(first.items())
+    ]
+
+
+def cityscapes_category_lut() -> list[int]:
+    """Category id (0..7, 255 for values no label has) of each label id of a labelIds PNG."""
+    lut = [255] * 256
+    for label in CITYSCAPES_LABELS:
+        if 0 <= label.id < 256:
+            lut[label.id] = label.categoryId
+    return lut

@@ -16,6 +16,8 @@ from eomt.data.categories import (
     CITYSCAPES_LABELS,
     ade20k_categories,
     cityscapes_categories,
+    cityscapes_category_classes,
+    cityscapes_category_lut,
     cityscapes_label_lut,
     distinct_color,
 )
@@ -220,6 +222,24 @@ def _cityscapes_semantic(found: dict[str, DataPath], transforms, bad_samples="st
     )
 
 
+def _cityscapes_category_semantic(
+    found: dict[str, DataPath], transforms, bad_samples="stop"
+) -> Dataset:
+    """The same files as cityscapes_semantic, labelled with the 8 categories."""
+    return SemanticDataset(
+        found["images"],
+        found["masks"],
+        cityscapes_category_classes(),
+        image_suffix="_leftImg8bit.png",
+        label_suffix="_gtFine_labelIds.png",
+        transforms=transforms,
+        label_lut=cityscapes_category_lut(),
+        known_values=[label.id for label in CITYSCAPES_LABELS if label.id >= 0],
+        bad_samples=bad_samples,
+        categories_source="the categories of the Cityscapes label table (cityscapesscripts)",
+    )
+
+
 def _own_semantic(
     found: dict[str, DataPath], transforms, bad_samples="stop", label_offset: int = 0
 ) -> Dataset:
@@ -283,6 +303,12 @@ DATASET_LAYOUTS = {
     ),
     "cityscapes_semantic": Layout(
         SEMANTIC_PIECES, _cityscapes_places, _cityscapes_semantic, {"train": 2975, "val": 500}
+    ),
+    "cityscapes_categories": Layout(
+        SEMANTIC_PIECES,
+        _cityscapes_places,
+        _cityscapes_category_semantic,
+        {"train": 2975, "val": 500},
     ),
     # Your own label PNGs: every piece comes from the config.
     "semantic": Layout(

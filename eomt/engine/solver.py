@@ -1,8 +1,11 @@
-"""AdamW with layer-wise lr decay, and the poly schedule with the two-stage warm-up.
+"""AdamW with layer-wise lr decay, and the poly (or cosine) schedule with the two-stage warm-up.
 
 New parameters (queries, heads, upscaling) warm up first while the backbone's lr stays 0; then
-the backbone warms up; then every lr decays polynomially to 0 at the last iteration.
+the backbone warms up; then every lr decays to 0 at the last iteration, polynomially (EoMT)
+or along a half cosine (PMT).
 """
+
+import math
 
 import torch
 from torch import nn
@@ -40,8 +43,16 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, llrd: floa
     return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
 
 
+LR_SCHEDULES = ("poly", "cosine")
+
+
 def poly_warmup_factor(
-    iteration: int, max_iter: int, warmup_iters: tuple[int, int], power: float, is_backbone: bool
+    iteration: int,
+    max_iter: int,
+    warmup_iters: tuple[int, int],
+    power: float,
+    is_backbone: bool,
+    schedule: str = "poly",
 ) -> float:
     """Multiplier of a group's base lr at `iteration` (0-based, before that optimizer step)."""
     new_warmup, backbone_warmup = warmup_iters
@@ -53,17 +64,23 @@ def poly_warmup_factor(
         start, warmup = 0, new_warmup
     if iteration < start + warmup:
         return (iteration - start) / warmup
-    progress = (iteration - start - warmup) / max(1, max_iter - start - warmup)
-    return max(0.0, 1.0 - progress) ** power
+    progress = min((iteration - start - warmup) / max(1, max_iter - start - warmup), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return (1.0 - progress) ** power
 
 
-def build_lr_scheduler(optimizer, max_iter: int, warmup_iters, power: float) -> LambdaLR:
+def build_lr_scheduler(
+    optimizer, max_iter: int, warmup_iters, power: float, schedule: str = "poly"
+) -> LambdaLR:
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"solver.lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
     warmup_iters = tuple(warmup_iters)
     return LambdaLR(
         optimizer,
         [
             lambda it, b=group["is_backbone"]: poly_warmup_factor(
-                it, max_iter, warmup_iters, power, b
+                it, max_iter, warmup_iters, power, b, schedule
             )
             for group in optimizer.param_groups
         ],

@@ -34,7 +34,7 @@ from eomt.engine.checkpoint import (
 )
 from eomt.engine.solver import build_lr_scheduler, build_optimizer
 from eomt.inference import amp_on, autocast_for
-from eomt.modeling import build_criterion, build_model
+from eomt.modeling import build_criterion, build_model, count_trainable
 from eomt.tasks import summary_line
 from eomt.tasks.evaluate import evaluate
 from eomt.weights import describe_mismatch, key_group, load_checkpoint, load_state
@@ -107,7 +107,7 @@ class Trainer:
         s = cfg.solver
         self.optimizer = build_optimizer(self.model, s.lr, s.weight_decay, s.llrd)
         self.scheduler = build_lr_scheduler(
-            self.optimizer, s.max_iter, s.warmup_iters, s.poly_power
+            self.optimizer, s.max_iter, s.warmup_iters, s.poly_power, s.lr_schedule
         )
         self.annealing = MaskAnnealing.from_cfg(cfg) if cfg.model.masked_attn == "anneal" else None
         self.amp = amp_on(self.device, s.amp)
@@ -316,6 +316,9 @@ class Trainer:
             disable=not dist.is_main(),
             dynamic_ncols=True,
         )
+        if dist.is_main():
+            trainable, frozen = count_trainable(self.model)
+            print(f"parameters: {trainable:,} trainable, {frozen:,} frozen", flush=True)
         model.train()
         start_time, start_iter = time.perf_counter(), self.iteration
         while self.iteration < s.max_iter:

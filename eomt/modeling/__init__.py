@@ -1,17 +1,31 @@
 from torch import nn
 
-from eomt.modeling.backbone import build_vit, embed_tokens
+from eomt.modeling.backbone import build_vit, default_taps, embed_tokens, freeze_blocks
 from eomt.modeling.criterion import MaskClassificationLoss
 from eomt.modeling.eomt import EoMT
 from eomt.modeling.mask2former import Mask2Former
 
-MODEL_NAMES = ("eomt", "m2f")
+MODEL_NAMES = ("eomt", "m2f", "pmt")
 
 
 def build_model(cfg, backbone_weights: bool = True) -> nn.Module:
-    """The model a config describes (`model.name`: "eomt", or "m2f" for Mask2Former and the
-    ladder between it and EoMT, set by the `m2f` keys), with the backbone's pretrained weights
-    if asked (`backbone_weights=False` skips them, when a full checkpoint is loaded next)."""
+    """The model a config describes (`model.name`: "eomt"; "m2f" for Mask2Former and the
+    ladder between it and EoMT, set by the `m2f` keys; "pmt" for EoMT's decoder on a frozen
+    encoder, set by the `pmt` keys), with the backbone's pretrained weights if asked
+    (`backbone_weights=False` skips them, when a full checkpoint is loaded next) and its first
+    `model.frozen_blocks` blocks frozen."""
+    model = _build(cfg, backbone_weights)
+    freeze_blocks(model.backbone, cfg.model.frozen_blocks)
+    return model
+
+
+def count_trainable(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters()) - trainable
+
+
+def _build(cfg, backbone_weights: bool) -> nn.Module:
     m = cfg.model
     if m.num_classes < 1:
         raise ValueError(
@@ -53,12 +67,15 @@ def build_model(cfg, backbone_weights: bool = True) -> nn.Module:
             adapter_deform_ratio=c.adapter_deform_ratio,
             adapter_interaction_indexes=[list(g) for g in c.adapter_interaction_indexes] or None,
         )
+    pmt = m.name == "pmt"
     return EoMT(
         backbone,
         num_classes=m.num_classes,
         num_queries=m.num_queries,
         num_query_blocks=m.num_query_blocks,
         masked_attn=m.masked_attn,
+        taps=(list(cfg.pmt.taps) or default_taps(len(backbone.blocks))) if pmt else None,
+        decoder_mlp_dim=(cfg.pmt.mlp_dim or None) if pmt else None,
     )
 
 
@@ -77,4 +94,14 @@ def build_criterion(cfg) -> MaskClassificationLoss:
     )
 
 
-__all__ = ["EoMT", "Mask2Former", "build_criterion", "build_model", "build_vit", "embed_tokens"]
+__all__ = [
+    "EoMT",
+    "Mask2Former",
+    "build_criterion",
+    "build_model",
+    "build_vit",
+    "count_trainable",
+    "default_taps",
+    "embed_tokens",
+    "freeze_blocks",
+]

@@ -55,3 +55,29 @@ def embed_tokens(vit: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, to
     out = vit._pos_embed(x)
     x, rope = out if isinstance(out, tuple) else (out, None)
     return vit.norm_pre(x), rope
+
+
+def default_taps(num_blocks: int) -> list[int]:
+    """4 evenly spaced blocks ending with the last: [5, 11, 17, 23] for 24, [2, 5, 8, 11] for 12."""
+    taps = sorted({max(num_blocks * k // 4 - 1, 0) for k in range(1, 5)})
+    return taps
+
+
+def freeze_blocks(vit: nn.Module, frozen_blocks: int) -> None:
+    """Stop training the embeddings and the first `frozen_blocks` blocks (-1: the whole ViT,
+    its final norm included); the optimizer leaves out what no longer needs gradients."""
+    num_blocks = len(vit.blocks)
+    if not -1 <= frozen_blocks <= num_blocks:
+        raise ValueError(
+            f"model.frozen_blocks={frozen_blocks}: the backbone has {num_blocks} blocks "
+            "(0: train all, -1: freeze all)"
+        )
+    if frozen_blocks == 0:
+        return
+    for name, param in vit.named_parameters():
+        parts = name.split(".")
+        trains = frozen_blocks != -1 and (
+            (parts[0] == "blocks" and int(parts[1]) >= frozen_blocks)
+            or parts[0] in ("norm", "fc_norm")
+        )
+        param.requires_grad_(trains)
