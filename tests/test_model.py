@@ -2,14 +2,21 @@ import pytest
 import torch
 
 from eomt.config import get_cfg
-from eomt.modeling import EoMT, build_model, build_vit
+from eomt.engine.solver import build_optimizer
+from eomt.modeling import EoMT, build_model, build_vit, count_trainable, embed_tokens, freeze_blocks
 
 NUM_QUERIES, NUM_CLASSES = 6, 4
 
 
-def tiny_eomt(masked_attn="anneal", backbone="vit_small_patch14_reg4_dinov2", blocks=2):
+def tiny_eomt(masked_attn="anneal", backbone="vit_small_patch14_reg4_dinov2", blocks=2, taps=None):
     vit = build_vit(backbone, img_size=(32, 48), patch_size=8, embed_dim=32, depth=3, num_heads=2)
-    return EoMT(vit, NUM_CLASSES, NUM_QUERIES, num_query_blocks=blocks, masked_attn=masked_attn)
+    return EoMT(
+        vit, NUM_CLASSES, NUM_QUERIES, num_query_blocks=blocks, masked_attn=masked_attn, taps=taps
+    )
+
+
+# EoMT, and PMT (the same rules on new blocks after the fused taps of a frozen encoder).
+KINDS = pytest.mark.parametrize("taps", [None, [0, 2]], ids=["eomt", "pmt"])
 
 
 @pytest.fixture
@@ -28,8 +35,9 @@ def images():
         ("never", False, 1),
     ],
 )
-def test_output_shapes_and_length_per_mode(images, mode, training, expected):
-    model = tiny_eomt(mode).train(training)
+@KINDS
+def test_output_shapes_and_length_per_mode(images, mode, training, expected, taps):
+    model = tiny_eomt(mode, taps=taps).train(training)
     predictions = model(images)
     assert len(predictions) == expected
     for prediction in predictions:
@@ -46,8 +54,9 @@ def test_patch16_upsamples_twice():
     assert model(torch.rand(1, 3, 64, 32))[0]["mask_logits"].shape == (1, NUM_QUERIES, 16, 8)
 
 
-def test_attention_mask_only_query_to_patch_follows_masks():
-    model = tiny_eomt()
+@KINDS
+def test_attention_mask_only_query_to_patch_follows_masks(taps):
+    model = tiny_eomt(taps=taps)
     torch.manual_seed(0)
     logits = torch.randn(2, NUM_QUERIES, 8, 12)
     mask = model.attention_mask(logits, prob=1.0)[:, 0]
@@ -63,8 +72,9 @@ def test_attention_mask_only_query_to_patch_follows_masks():
     assert not mask[:, :NUM_QUERIES, first_patch:].all()
 
 
-def test_attention_mask_probability():
-    model = tiny_eomt()
+@KINDS
+def test_attention_mask_probability(taps):
+    model = tiny_eomt(taps=taps)
     logits = torch.full((1, NUM_QUERIES, 8, 12), -5.0)  # every query predicts an empty mask
     assert model.attention_mask(logits, prob=0.0) is None  # p = 0 never masks
     torch.manual_seed(0)
@@ -79,8 +89,9 @@ def test_attention_mask_probability():
     assert abs(torch.stack(kept).mean().item() - 0.3) < 0.03
 
 
-def test_unmasked_path_equals_all_open_mask(images):
-    model = tiny_eomt("always").eval()
+@KINDS
+def test_unmasked_path_equals_all_open_mask(images, taps):
+    model = tiny_eomt("always", taps=taps).eval()
     model.attn_mask_probs.zero_()  # p = 0 everywhere: the masked path with nothing masked
     with torch.no_grad():
         masked_path = model(images)[-1]
@@ -88,15 +99,16 @@ def test_unmasked_path_equals_all_open_mask(images):
         plain = model(images)[-1]
         # And an explicit all-open boolean mask gives the same as no mask.
         x = torch.randn(2, 10, 32)
-        block = model.backbone.blocks[-1]
+        block = model.query_blocks[-1]
         open_mask = torch.ones(2, 1, 10, 10, dtype=torch.bool)
         torch.testing.assert_close(block(x, attn_mask=open_mask), block(x))
     for key in ("mask_logits", "class_logits"):
         torch.testing.assert_close(masked_path[key], plain[key])
 
 
-def test_masking_changes_the_result(images):
-    model = tiny_eomt("always").eval()
+@KINDS
+def test_masking_changes_the_result(images, taps):
+    model = tiny_eomt("always", taps=taps).eval()
     with torch.no_grad():
         masked = model(images)[-1]["mask_logits"]
         model.attn_mask_probs.zero_()
@@ -171,3 +183,64 @@ def test_eva02_final_norm_normalises_the_tokens():
     outputs = model(torch.rand(1, 3, 32, 32))
     sum(p["mask_logits"].sum() + p["class_logits"].sum() for p in outputs).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_pmt_fuses_the_taps_of_a_frozen_encoder_into_new_blocks(images):
+    model = tiny_eomt("anneal", backbone="vit_small_patch16_dinov3", blocks=3, taps=[2, 0])
+    assert model.taps == [0, 2] and len(model.query_blocks) == 3
+    assert all(block not in model.backbone.blocks for block in model.query_blocks)
+    freeze_blocks(model.backbone, -1)
+    assert model.backbone_frozen
+    model.train()
+    model.attn_mask_probs.fill_(0.5)
+    predictions = model(images)
+    assert len(predictions) == 4
+    sum(p["mask_logits"].mean() + p["class_logits"].mean() for p in predictions).backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    trained = [
+        model.queries.weight,
+        model.lateral_scales[0],
+        model.decoder_blocks[0].attn.qkv.weight,
+    ]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    # The fused tokens: sum over taps of scale * (f + MLP(f)), f the batch-normalised tokens.
+    model.eval()
+    tokens, rope = embed_tokens(model.backbone, (images - model.pixel_mean) / model.pixel_std)
+    x, features = tokens, []
+    for block in model.backbone.blocks:
+        x = block(x, rope=rope)
+        features.append(x)
+    expected = 0
+    for feature, norm, mlp, scale in zip(
+        (features[0], features[2]), model.lateral_norms, model.lateral_mlps, model.lateral_scales
+    ):
+        normed = norm(feature.transpose(1, 2)).transpose(1, 2)
+        expected = expected + scale * (normed + mlp(normed))
+    torch.testing.assert_close(model.fuse_taps(tokens, {"rope": rope}), expected)
+    with pytest.raises(ValueError, match="taps"):
+        tiny_eomt(taps=[3])
+
+
+@pytest.mark.parametrize("frozen, trainable_blocks", [(0, [0, 1, 2]), (2, [2]), (-1, [])])
+def test_frozen_blocks_stop_training_and_leave_the_optimizer(frozen, trainable_blocks):
+    model = tiny_eomt()
+    freeze_blocks(model.backbone, frozen)
+    blocks = [i for i, b in enumerate(model.backbone.blocks) if b.attn.qkv.weight.requires_grad]
+    assert blocks == trainable_blocks
+    assert model.backbone.patch_embed.proj.weight.requires_grad == (frozen == 0)
+    assert model.backbone.norm.weight.requires_grad == (frozen != -1)
+    optimizer = build_optimizer(model, 1e-3, 0.05, 0.8)
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+    trainable, frozen_count = count_trainable(model)
+    assert trainable + frozen_count == sum(p.numel() for p in model.parameters())
+    before = {n: p.detach().clone() for n, p in model.backbone.named_parameters()}
+    model.train()
+    losses = model(torch.rand(2, 3, 32, 48))
+    sum(p["mask_logits"].mean() for p in losses).backward()
+    optimizer.step()
+    for name, param in model.backbone.named_parameters():
+        if not param.requires_grad:
+            assert param.grad is None and torch.equal(param, before[name]), name
+    with pytest.raises(ValueError, match="model.frozen_blocks=4: the backbone has 3 blocks"):
+        freeze_blocks(model.backbone, 4)

@@ -62,7 +62,10 @@ def test_accumulation_must_divide_the_batch(tiny_cfg):
         accumulation_steps(tiny_cfg("solver.batch_size=6", "solver.batch_size_per_device=4"), 1)
 
 
-def test_overfits_a_few_images(tiny_cfg, tmp_path):
+@pytest.mark.parametrize(
+    "model", [[], ["model.name=pmt", "model.frozen_blocks=-1"]], ids=["eomt", "pmt_frozen"]
+)
+def test_overfits_a_few_images(tiny_cfg, tmp_path, model):
     root = tmp_path / "four_images"
     generate_synthetic_dataset(root, num_train=4, num_val=1, seed=5)
     cfg = tiny_cfg(
@@ -79,6 +82,7 @@ def test_overfits_a_few_images(tiny_cfg, tmp_path):
         "test.metrics=[panoptic, semantic, instance]",
         "test.save_panoptic=true",
         "test.pq_workers=1",
+        *model,
     )
     results = Trainer(cfg).train()
     # Predictions also written in the COCO panoptic format, one PNG per image.

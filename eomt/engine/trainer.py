@@ -332,8 +332,9 @@ class Trainer:
                 record = {
                     "iteration": self.iteration,
                     "lr": max(g["lr"] for g in self.optimizer.param_groups if not g["is_backbone"]),
-                    "backbone_lr": max(
-                        g["lr"] for g in self.optimizer.param_groups if g["is_backbone"]
+                    "backbone_lr": max(  # 0 when the backbone is frozen
+                        (g["lr"] for g in self.optimizer.param_groups if g["is_backbone"]),
+                        default=0.0,
                     ),
                     "time_per_iter": (time.perf_counter() - start_time)
                     / (self.iteration - start_iter),
