@@ -17,7 +17,8 @@ FREE_FORM_KEYS = {"model.backbone_kwargs"}
 # and the least value of a number (or of each item of a list of numbers).
 CHOICES = {
     "task": ("panoptic", "semantic", "instance"),
-    "model.name": ("eomt", "m2f", "pmt"),
+    "model.name": ("eomt", "m2f", "pmt", "dense"),
+    "dense.head": ("linear", "mlp", "unet", "dpt"),
     "model.masked_attn": ("anneal", "always", "never"),
     "m2f.adapter": ("vit_adapter", "simple_pyramid"),
     "m2f.pixel_decoder": ("msdeform", "none"),
@@ -34,6 +35,8 @@ MINIMUM = {
     "model.frozen_blocks": -1,
     "pmt.taps": 0,
     "pmt.mlp_dim": 0,
+    "dense.taps": 0,
+    "dense.channels": 0,
     "model.patch_size": 1,
     "input.image_size": 1,
     "dataset.label_offset": 0,

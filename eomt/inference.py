@@ -100,10 +100,7 @@ def predict_semantic_windows(model, images: list[torch.Tensor], window: int, amp
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, torch.Tensor] = {}
     for crop, (index, long_dim, start, size) in enumerate(origins):
-        mask_logits = F.interpolate(
-            prediction["mask_logits"][crop : crop + 1].float(), (window, window), mode="bilinear"
-        )[0]
-        scores = semantic_inference(mask_logits, prediction["class_logits"][crop].float())
+        scores = _window_scores(prediction, crop, window)
         if index not in sums:
             sums[index] = scores.new_zeros(scores.shape[0], *size)
             counts[index] = scores.new_zeros(1, *size)
@@ -113,3 +110,15 @@ def predict_semantic_windows(model, images: list[torch.Tensor], window: int, amp
         F.interpolate((sums[i] / counts[i])[None], tuple(image.shape[-2:]), mode="bilinear")[0]
         for i, image in enumerate(images)
     ]
+
+
+def _window_scores(prediction: dict, crop: int, window: int) -> torch.Tensor:
+    """Per-pixel class scores (C, window, window) of one window: EoMT's mask-classification
+    scores, or a dense head's per-pixel softmax."""
+    if "semantic_logits" in prediction:
+        logits = prediction["semantic_logits"][crop : crop + 1].float()
+        return F.interpolate(logits, (window, window), mode="bilinear")[0].softmax(0)
+    mask_logits = F.interpolate(
+        prediction["mask_logits"][crop : crop + 1].float(), (window, window), mode="bilinear"
+    )[0]
+    return semantic_inference(mask_logits, prediction["class_logits"][crop].float())

@@ -4,12 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eomt.modeling import build_vit
+from eomt.modeling import build_vit, default_taps
 from eomt.modeling.dense_heads import (
     DENSE_HEADS,
     DenseSegmenter,
     PixelCrossEntropy,
-    default_taps,
     label_map,
 )
 

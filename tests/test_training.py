@@ -120,3 +120,37 @@ def test_command_line_train_then_eval_only(tiny_cfg, tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == trained
     with pytest.raises(ValueError, match="unknown config key 'solver.lrr'"):
         train_net.main(train_net.parse_args([*eval_only, "solver.lrr=1"]))
+
+
+@pytest.mark.parametrize("frozen", [0, -1])
+def test_a_dense_head_trains_and_evaluates_through_the_trainer(tiny_cfg, frozen):
+    cfg = tiny_cfg(
+        "task=semantic",
+        "dataset.name=synthetic_semantic",
+        "model.name=dense",
+        "dense.head=mlp",
+        "test.metrics=[semantic]",
+        f"model.frozen_blocks={frozen}",
+    )
+    trainer = Trainer(cfg)
+    assert trainer.annealing is None  # nothing to anneal, whatever model.masked_attn says
+    backbone_before = {k: v.clone() for k, v in trainer.model.backbone.state_dict().items()}
+    head_before = {k: v.clone() for k, v in trainer.model.head.state_dict().items()}
+    results = trainer.train()
+    assert 0 <= results["semantic"]["mIoU"] <= 100
+    records = [json.loads(line) for line in open(f"{cfg.output_dir}/metrics.jsonl")]
+    assert all(r["loss_ce"] > 0 for r in records if "loss_ce" in r)
+    backbone = trainer.model.backbone.state_dict()
+    same = [torch.equal(backbone[k], v) for k, v in backbone_before.items()]
+    assert all(same) if frozen == -1 else not all(same)
+    head = trainer.model.head.state_dict()
+    assert not all(torch.equal(head[k], v) for k, v in head_before.items())
+    predictor = Predictor.from_checkpoint(f"{cfg.output_dir}/model_0000006.pth")
+    assert predictor(torch.rand(3, 50, 70), "semantic").shape == (50, 70)
+    with pytest.raises(ValueError, match="semantic task gives semantic results only"):
+        predictor(torch.rand(3, 50, 70), "panoptic")
+
+
+def test_a_dense_head_needs_the_semantic_task(tiny_cfg):
+    with pytest.raises(ValueError, match="model.name 'dense' predicts a class per pixel"):
+        Trainer(tiny_cfg("model.name=dense"))

@@ -109,7 +109,9 @@ class Trainer:
         self.scheduler = build_lr_scheduler(
             self.optimizer, s.max_iter, s.warmup_iters, s.poly_power, s.lr_schedule
         )
-        self.annealing = MaskAnnealing.from_cfg(cfg) if cfg.model.masked_attn == "anneal" else None
+        # Dense heads have no masked attention to anneal, whatever model.masked_attn says.
+        anneals = getattr(self.model, "masked_attn", None) == "anneal"
+        self.annealing = MaskAnnealing.from_cfg(cfg) if anneals else None
         self.amp = amp_on(self.device, s.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.categories = self.test_set.categories  # saved with the weights

@@ -2,18 +2,19 @@ from torch import nn
 
 from eomt.modeling.backbone import build_vit, default_taps, embed_tokens, freeze_blocks
 from eomt.modeling.criterion import MaskClassificationLoss
+from eomt.modeling.dense_heads import DENSE_HEADS, DenseSegmenter, PixelCrossEntropy
 from eomt.modeling.eomt import EoMT
 from eomt.modeling.mask2former import Mask2Former
 
-MODEL_NAMES = ("eomt", "m2f", "pmt")
+MODEL_NAMES = ("eomt", "m2f", "pmt", "dense")
 
 
 def build_model(cfg, backbone_weights: bool = True) -> nn.Module:
     """The model a config describes (`model.name`: "eomt"; "m2f" for Mask2Former and the
     ladder between it and EoMT, set by the `m2f` keys; "pmt" for EoMT's decoder on a frozen
-    encoder, set by the `pmt` keys), with the backbone's pretrained weights if asked
-    (`backbone_weights=False` skips them, when a full checkpoint is loaded next) and its first
-    `model.frozen_blocks` blocks frozen."""
+    encoder, set by the `pmt` keys; "dense" for a per-pixel head, set by the `dense` keys),
+    with the backbone's pretrained weights if asked (`backbone_weights=False` skips them, when
+    a full checkpoint is loaded next) and its first `model.frozen_blocks` blocks frozen."""
     model = _build(cfg, backbone_weights)
     freeze_blocks(model.backbone, cfg.model.frozen_blocks)
     return model
@@ -38,6 +39,11 @@ def _build(cfg, backbone_weights: bool) -> nn.Module:
         raise ValueError(
             "model.masked_attn 'anneal' is not available with model.name 'm2f': "
             "set 'always' (Mask2Former) or 'never'"
+        )
+    if m.name == "dense" and (cfg.task != "semantic" or list(cfg.test.metrics) != ["semantic"]):
+        raise ValueError(
+            "model.name 'dense' predicts a class per pixel: it needs task semantic and "
+            f"test.metrics [semantic] (got task {cfg.task}, test.metrics {list(cfg.test.metrics)})"
         )
     backbone = build_vit(
         m.backbone,
@@ -67,6 +73,16 @@ def _build(cfg, backbone_weights: bool) -> nn.Module:
             adapter_deform_ratio=c.adapter_deform_ratio,
             adapter_interaction_indexes=[list(g) for g in c.adapter_interaction_indexes] or None,
         )
+    if m.name == "dense":
+        d = cfg.dense
+        return DenseSegmenter(
+            backbone,
+            num_classes=m.num_classes,
+            head=d.head,
+            taps=list(d.taps) or None,
+            channels=d.channels or None,
+            stem=d.stem,
+        )
     pmt = m.name == "pmt"
     return EoMT(
         backbone,
@@ -79,8 +95,11 @@ def _build(cfg, backbone_weights: bool) -> nn.Module:
     )
 
 
-def build_criterion(cfg) -> MaskClassificationLoss:
-    """The loss a config describes (`loss.*`), for `model.num_classes` classes."""
+def build_criterion(cfg) -> nn.Module:
+    """The loss a config describes (`loss.*`), for `model.num_classes` classes: per-pixel cross
+    entropy for a dense head, else the mask-classification loss with Hungarian matching."""
+    if cfg.model.name == "dense":
+        return PixelCrossEntropy(cfg.model.num_classes)
     loss = cfg.loss
     return MaskClassificationLoss(
         num_classes=cfg.model.num_classes,
@@ -95,8 +114,11 @@ def build_criterion(cfg) -> MaskClassificationLoss:
 
 
 __all__ = [
+    "DENSE_HEADS",
+    "DenseSegmenter",
     "EoMT",
     "Mask2Former",
+    "PixelCrossEntropy",
     "build_criterion",
     "build_model",
     "build_vit",

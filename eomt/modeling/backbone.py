@@ -58,9 +58,11 @@ def embed_tokens(vit: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, to
 
 
 def default_taps(num_blocks: int) -> list[int]:
-    """4 evenly spaced blocks ending with the last: [5, 11, 17, 23] for 24, [2, 5, 8, 11] for 12."""
-    taps = sorted({max(num_blocks * k // 4 - 1, 0) for k in range(1, 5)})
-    return taps
+    """4 evenly spaced blocks ending with the last: 24 -> [5, 11, 17, 23], 12 -> [2, 5, 8, 11];
+    every block when there are fewer than 4."""
+    if num_blocks < 4:
+        return list(range(num_blocks))
+    return [num_blocks // 4 - 1, num_blocks // 2 - 1, 3 * num_blocks // 4 - 1, num_blocks - 1]
 
 
 def freeze_blocks(vit: nn.Module, frozen_blocks: int) -> None:

@@ -16,24 +16,17 @@ The prefix tokens (class, registers) are dropped, as DPT's "ignore" readout does
 """
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eomt.modeling.backbone import embed_tokens
+from eomt.modeling.backbone import default_taps, embed_tokens
 from eomt.modeling.eomt import IMAGENET_MEAN, IMAGENET_STD
 
 DENSE_HEADS = ("linear", "mlp", "unet", "dpt")
 PYRAMID_STRIDES = (4, 8, 16, 32)  # the levels of the mlp and dpt heads, one per tap
-
-
-def default_taps(num_blocks: int) -> list[int]:
-    """4 evenly spaced blocks ending with the last: 24 -> [5, 11, 17, 23], 12 -> [2, 5, 8, 11];
-    every block when there are fewer than 4."""
-    if num_blocks < 4:
-        return list(range(num_blocks))
-    return [num_blocks // 4 - 1, num_blocks // 2 - 1, 3 * num_blocks // 4 - 1, num_blocks - 1]
 
 
 def resample(dim: int, out_dim: int, stride: int, out_stride: int, down: str = "conv") -> nn.Module:
@@ -334,12 +327,14 @@ class DenseSegmenter(nn.Module):
         block_kwargs = {} if rope is None else {"rope": rope}
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         features = []
-        for i, block in enumerate(self.backbone.blocks[: self.taps[-1] + 1]):
-            x = block(x, **block_kwargs)
-            if i in self.taps:
-                tokens = self.backbone.norm(x) if i == self.taps[-1] else x
-                patches = tokens[:, self.backbone.num_prefix_tokens :]
-                features.append(patches.transpose(1, 2).reshape(x.shape[0], -1, h, w))
+        frozen = not any(p.requires_grad for p in self.backbone.parameters())
+        with torch.no_grad() if frozen else nullcontext():  # a frozen encoder needs no autograd
+            for i, block in enumerate(self.backbone.blocks[: self.taps[-1] + 1]):
+                x = block(x, **block_kwargs)
+                if i in self.taps:
+                    tokens = self.backbone.norm(x) if i == self.taps[-1] else x
+                    patches = tokens[:, self.backbone.num_prefix_tokens :]
+                    features.append(patches.transpose(1, 2).reshape(x.shape[0], -1, h, w))
         return [{"semantic_logits": self.head(features, images)}]
 
 

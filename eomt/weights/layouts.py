@@ -71,7 +71,10 @@ def detect_format(state: dict, source: str = "checkpoint") -> str:
         return OFFICIAL
     if "query.weight" in state and any(k.startswith("layers.") for k in state):
         return HF
-    if "queries.weight" in state:
+    # Ours: EoMT / PMT / Mask2Former queries, or a dense head on our backbone.
+    if "queries.weight" in state or (
+        "pixel_mean" in state and any(k.startswith("head.") for k in state)
+    ):
         return OURS
     shown = ", ".join(list(state)[:5])
     raise ValueError(
