@@ -44,6 +44,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def trainable(model: nn.Module) -> int:
+    """Parameters that train (all but the frozen blocks, `model.frozen_blocks`)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def sdpa_flop_jit(inputs: list, outputs: list) -> int:
     """fvcore handle for `scaled_dot_product_attention`: q @ k^T and attention @ v.
 
@@ -314,10 +319,11 @@ def benchmark(
         result["crops_of_image_size"] = list(crop_image_size)
     if not (flops or fps):
         with torch.device("meta"):
-            result["params"] = count_parameters(build_model(cfg, backbone_weights=False))
+            model = build_model(cfg, backbone_weights=False)
+        result["params"], result["params_trainable"] = count_parameters(model), trainable(model)
         return result
     model = build_model(cfg, backbone_weights=False).eval()
-    result["params"] = count_parameters(model)
+    result["params"], result["params_trainable"] = count_parameters(model), trainable(model)
     if flops:
         counted = count_flops(model, torch.rand(1, 3, height, width))
         result["gflops"] = round(crops * counted["flops"] / 1e9, 2)

@@ -170,6 +170,21 @@ def test_cli_prints_one_json_line_per_config(tmp_path, capsys):
         assert "fps" not in record
     # One more block: more parameters and more FLOPs.
     assert records[1]["params"] > records[0]["params"]
+    assert all(r["params_trainable"] == r["params"] for r in records)
+
+
+@pytest.mark.parametrize("name", ["eomt", "pmt", "dense"])
+def test_trainable_parameters_leave_out_the_frozen_backbone(name):
+    overrides = [*HAND_OVERRIDES, f"model.name={name}", "model.frozen_blocks=-1"]
+    if name == "dense":
+        overrides += ["task=semantic", "test.metrics=[semantic]", "dense.head=dpt"]
+        overrides += ["dataset.name=synthetic_semantic"]
+    cfg = get_cfg(TINY_CONFIG, overrides)
+    record = benchmark(cfg, flops=False, image_size=(32, 48))
+    model = build_model(cfg, backbone_weights=False)
+    head = count_parameters(model) - count_parameters(model.backbone)
+    assert record["params"] == count_parameters(model)
+    assert record["params_trainable"] == head > 0
 
 
 def test_cli_table_and_cpu_fps(tmp_path, capsys):
@@ -178,13 +193,16 @@ def test_cli_table_and_cpu_fps(tmp_path, capsys):
     args = ["--config-file", *configs, "--fps", "--device", "cpu", "--warmup", "1"]
     cli.main(cli.parse_args([*args, "--iterations", "2", "--no-gflops", "--table"]))
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:2] == ["| Config | Params (M) | GFLOPs | FPS |", "|---|---|---|---|"]
+    assert lines[:2] == [
+        "| Config | Params (M) | Trainable (M) | GFLOPs | FPS |",
+        "|---|---|---|---|---|",
+    ]
     assert len(lines) == 4
     for line, config in zip(lines[2:], configs):
         cells = [cell.strip() for cell in line.strip("|").split("|")]
         params = count_parameters(build_model(get_cfg(config), backbone_weights=False))
-        assert cells[:3] == [config, f"{params / 1e6:.1f}", "-"]
-        assert float(cells[3]) > 0
+        assert cells[:4] == [config, f"{params / 1e6:.1f}", f"{params / 1e6:.1f}", "-"]
+        assert float(cells[4]) > 0
 
     # An override right after the config files applies to them, it is not a config.
     args = ["--config-file", configs[0], "model.num_queries=5", *args[1 + len(configs) :]]

@@ -77,12 +77,16 @@ def parse_args(argv=None):
 
 
 def markdown_table(records: list[dict]) -> str:
-    lines = ["| Config | Params (M) | GFLOPs | FPS |", "|---|---|---|---|"]
+    lines = [
+        "| Config | Params (M) | Trainable (M) | GFLOPs | FPS |",
+        "|---|---|---|---|---|",
+    ]
     for record in records:
         name = " ".join([record["config"], *record.get("overrides", [])])
         gflops = f"{record['gflops']:.1f}" if "gflops" in record else "-"
         fps = f"{record['fps']:.1f}" if "fps" in record else "-"
-        lines.append(f"| {name} | {record['params'] / 1e6:.1f} | {gflops} | {fps} |")
+        params = f"{record['params'] / 1e6:.1f} | {record['params_trainable'] / 1e6:.1f}"
+        lines.append(f"| {name} | {params} | {gflops} | {fps} |")
     return "\n".join(lines)
 
 
