@@ -7,7 +7,7 @@ import torch
 
 from eomt.config import get_cfg
 from eomt.engine.annealing import MaskAnnealing
-from eomt.modeling import build_model
+from eomt.modeling import build_model, count_trainable
 
 CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml"))
 
@@ -72,3 +72,28 @@ def test_parameter_counts_match_the_paper(name, millions):
     with torch.device("meta"):  # shapes only: no memory, no time
         model = build_model(cfg)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6) == pytest.approx(millions, abs=1)
+
+
+@pytest.mark.parametrize(
+    "name, total, trainable",
+    [
+        # PMT: the new blocks, fusion and heads train; the frozen DINOv3 encoder does not.
+        ("coco/panoptic/pmt_large_640", 357.0, 53.9),
+        ("coco/panoptic/pmt_small_640", 29.3, 7.7),
+        ("ade20k/semantic/pmt_large_512", 356.9, 53.9),
+        ("ade20k/semantic/pmt_small_512", 29.2, 7.7),
+        # Dense heads fine-tune the whole ViT-L (304.4M with the linear head's 0.15M).
+        ("ade20k/semantic/dense_linear_large_512", 304.4, 304.4),
+        ("ade20k/semantic/dense_mlp_large_512", 311.5, 311.5),
+        ("ade20k/semantic/dense_unet_large_512", 310.3, 310.3),
+        ("ade20k/semantic/dense_dpt_large_512", 335.4, 335.4),
+        ("cityscapes/semantic/dense_unet_large_1024", 313.5, 313.5),
+        ("cityscapes/semantic/eomt_large_1024_categories", 319.0, 319.0),
+    ],
+)
+def test_head_configs_build_with_their_trainable_parameters(name, total, trainable):
+    cfg = get_cfg(f"configs/{name}.yaml", ["model.pretrained=false"])
+    with torch.device("meta"):
+        model = build_model(cfg)
+    counts = count_trainable(model)
+    assert round(sum(counts) / 1e6, 1) == total and round(counts[0] / 1e6, 1) == trainable
