@@ -240,3 +240,44 @@ def stack_rows(rows: list[np.ndarray], gap: int = 4) -> np.ndarray:
         canvas[y : y + row.shape[0], : row.shape[1]] = row
         y += row.shape[0] + gap
     return canvas
+
+
+def draw_confusion_matrix(
+    matrix: np.ndarray, class_names: list[str], title: str = "", cell: int = 44
+) -> np.ndarray:
+    """A (C, C) confusion matrix (rows ground truth, columns prediction) as an RGB picture: each
+    row normalised to the share of its ground-truth pixels, written in percent, darker = more;
+    rows without ground truth stay white."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    count = len(class_names)
+    if matrix.shape != (count, count):
+        raise ValueError(f"confusion matrix of shape {matrix.shape} for {count} class names")
+    totals = matrix.sum(axis=1, keepdims=True)
+    shares = np.divide(matrix, totals, out=np.zeros_like(matrix), where=totals > 0)
+    font = _font()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max(int(measure.textlength(name, font=font)) for name in class_names) + 8
+    top = 20 + cell  # title, then the column names
+    canvas = Image.new("RGB", (label_width + count * cell + 4, top + count * cell + 20), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 2), title, fill="black", font=font)
+    for j, name in enumerate(class_names):
+        draw.text(
+            (label_width + j * cell + 2, 20 + (j % 2) * 12), name[:7], fill="black", font=font
+        )
+    for i, name in enumerate(class_names):
+        y = top + i * cell
+        draw.text((4, y + cell // 2 - 6), name, fill="black", font=font)
+        for j in range(count):
+            x = label_width + j * cell
+            value = shares[i, j]
+            shade = int(round(255 * (1 - value)))
+            draw.rectangle(
+                [x, y, x + cell - 1, y + cell - 1], fill=(shade, shade, 255), outline="gray"
+            )
+            if totals[i, 0] > 0:
+                ink = "white" if value > 0.5 else "black"
+                draw.text((x + 4, y + cell // 2 - 6), f"{100 * value:.0f}", fill=ink, font=font)
+    legend = "rows: ground truth, columns: prediction, % of row"
+    draw.text((4, top + count * cell + 4), legend, fill="black", font=font)
+    return np.asarray(canvas)

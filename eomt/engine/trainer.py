@@ -311,6 +311,9 @@ class Trainer:
         # or logged but not known to have finished, is redone (the final one below).
         if self.resumed and self._evaluates_at(self.iteration) and self.iteration < s.max_iter:
             self.test(metrics_file, wandb_run)
+        if dist.is_main():
+            trainable, frozen = count_trainable(self.model)
+            print(f"parameters: {trainable:,} trainable, {frozen:,} frozen", flush=True)
         progress = tqdm(
             total=s.max_iter,
             initial=self.iteration,
@@ -318,9 +321,6 @@ class Trainer:
             disable=not dist.is_main(),
             dynamic_ncols=True,
         )
-        if dist.is_main():
-            trainable, frozen = count_trainable(self.model)
-            print(f"parameters: {trainable:,} trainable, {frozen:,} frozen", flush=True)
         model.train()
         start_time, start_iter = time.perf_counter(), self.iteration
         while self.iteration < s.max_iter:
