@@ -8,8 +8,9 @@ The encoder is the backbone of an EoMT checkpoint (no pretrained weights can be 
 here), frozen (`model.frozen_blocks=-1`) or fine-tuned, under each head: EoMT (its last
 blocks take the queries), PMT (new blocks on fused taps), and the dense linear, mlp, unet and
 dpt heads. Each trains for --iterations on the synthetic data with the demo config's recipe
-(configs/synthetic/eomt_tiny_panoptic.yaml), through tools/train_net.py, one process per run;
-a run whose results.json exists is read, not redone. EoMT and PMT train on the panoptic split
+(configs/synthetic/eomt_tiny_panoptic.yaml), through tools/train_net.py, one process per run
+(its output in OUTPUT/<run>/log.txt); a run whose results.json exists is read, not redone, and
+an interrupted one resumes from its last checkpoint. EoMT and PMT train on the panoptic split
 and are scored for PQ, mIoU and AP; the dense heads train on the semantic labels of the same
 images and are scored for mIoU. Then each model's trainable and total parameters, GFLOPs and
 CPU latency per image (eomt.benchmark, median of --latency-iterations forwards at the config's
@@ -19,18 +20,16 @@ matrix picture per run (OUTPUT/confusion_<run>.png); prints the table.
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from eomt.benchmark import benchmark
 from eomt.config import get_cfg
-from eomt.pictures import draw_confusion_matrix
+from eomt.report import draw_confusion, read_run
+from eomt.sweep import Run, execute, run_state
 from eomt.weights import load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,14 +81,14 @@ def run_overrides(head: str, frozen: int, encoder: Path, keys: dict, args) -> li
 
 
 def train(name: str, overrides: list[str], args) -> tuple[dict, list[str]]:
-    output_dir = Path(args.output) / name
-    command = [sys.executable, "tools/train_net.py", "--config-file", CONFIG, *overrides]
-    command.append(f"output_dir={output_dir}")
-    results_file = output_dir / "results.json"
-    if not results_file.is_file():
-        print(f"[{name}] {' '.join(command[1:])}", flush=True)
-        subprocess.run(command, cwd=REPO, check=True)
-    return json.loads(results_file.read_text()), command[1:]
+    """Train one run (resumed where it was interrupted), or read it when it has finished."""
+    run = Run(name, CONFIG, overrides, Path(args.output) / name)
+    command = run.command(sys.executable)[1:]
+    if run_state(run).state != "done":
+        print(f"[{name}] {' '.join(command)}", flush=True)
+        if execute(run, sys.executable, REPO) != 0:
+            raise SystemExit(f"run {name} failed: see {run.output_dir / 'log.txt'}")
+    return json.loads((run.output_dir / "results.json").read_text()), command
 
 
 def row(name: str, head: str, encoder: str, results: dict, cfg, args) -> dict:
@@ -160,12 +159,7 @@ def main(args) -> list[dict]:
             results, commands[name] = train(name, overrides, args)
             cfg = get_cfg(REPO / CONFIG, overrides)
             rows.append(row(name, head, encoder_name, results, cfg, args))
-            checkpoint = Path(args.output) / name / f"model_{args.iterations:07d}.pth"
-            names = [c["name"] for c in load_model(checkpoint)[2]]
-            picture = draw_confusion_matrix(
-                np.array(rows[-1]["confusion_matrix"]), names, f"{head}, {encoder_name} encoder"
-            )
-            Image.fromarray(picture).save(output / f"confusion_{name}.png")
+            draw_confusion(read_run(output / name), output / f"confusion_{name}.png")
     (output / "comparison.json").write_text(
         json.dumps({"rows": rows, "commands": commands, "threads": torch.get_num_threads()})
     )
