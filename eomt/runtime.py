@@ -86,3 +86,25 @@ class FastForward(nn.Module):
             "sdpa_backend": self.sdpa_backend,
             "weights_dtype": self.weights_dtype,
         }
+
+
+def add_runtime_arguments(parser) -> None:
+    """--compile, --sdpa-backend and --weights-dtype, as tools/benchmark.py and
+    tools/predict.py take them (FastForward's options)."""
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default="none",
+        choices=COMPILE_MODES,
+        help="torch.compile mode (no value: default); compiles once per input shape",
+    )
+    parser.add_argument(
+        "--sdpa-backend", default="auto", choices=SDPA_BACKENDS, help="attention kernel"
+    )
+    parser.add_argument(
+        "--weights-dtype",
+        default="fp32",
+        choices=sorted(WEIGHT_DTYPES),
+        help="cast the weights once to bf16 or fp16 (default fp32, autocast at every forward)",
+    )

@@ -17,7 +17,7 @@ import json
 
 from eomt.benchmark import benchmark
 from eomt.config import get_cfg
-from eomt.runtime import COMPILE_MODES, SDPA_BACKENDS, WEIGHT_DTYPES
+from eomt.runtime import add_runtime_arguments
 
 
 def parse_args(argv=None):
@@ -28,23 +28,7 @@ def parse_args(argv=None):
     parser.add_argument("--fps", action="store_true", help="also time the inference forward")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="for --fps")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward, for --fps")
-    parser.add_argument(
-        "--compile",
-        nargs="?",
-        const="default",
-        default="none",
-        choices=COMPILE_MODES,
-        help="torch.compile mode before timing (no value: default)",
-    )
-    parser.add_argument(
-        "--sdpa-backend", default="auto", choices=SDPA_BACKENDS, help="attention kernel"
-    )
-    parser.add_argument(
-        "--weights-dtype",
-        default="fp32",
-        choices=sorted(WEIGHT_DTYPES),
-        help="cast the weights once (bf16, fp16) instead of autocasting them at every forward",
-    )
+    add_runtime_arguments(parser)
     parser.add_argument("--warmup", type=int, help="warm-up forwards (default: 50 CUDA, 2 CPU)")
     parser.add_argument(
         "--iterations", type=int, help="timed forwards, FPS from the median (500 CUDA, 10 CPU)"

@@ -19,7 +19,7 @@ import sys
 
 from eomt.data import BadSampleError
 from eomt.predictor import Predictor, find_images, read_coco_images, write_predictions
-from eomt.runtime import COMPILE_MODES, SDPA_BACKENDS, WEIGHT_DTYPES
+from eomt.runtime import add_runtime_arguments
 
 
 def _int_at_least(minimum: int):
@@ -92,23 +92,7 @@ def parse_args(argv=None):
         "it), or is left out and listed in skipped_images.txt",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--compile",
-        nargs="?",
-        const="default",
-        default="none",
-        choices=COMPILE_MODES,
-        help="torch.compile mode (no value: default); compiles once per input batch shape",
-    )
-    parser.add_argument(
-        "--sdpa-backend", default="auto", choices=SDPA_BACKENDS, help="attention kernel"
-    )
-    parser.add_argument(
-        "--weights-dtype",
-        default="fp32",
-        choices=sorted(WEIGHT_DTYPES),
-        help="cast the weights once to bf16 or fp16 (GPU inference; default fp32 + autocast)",
-    )
+    add_runtime_arguments(parser)
     return parser.parse_args(argv)
 
 

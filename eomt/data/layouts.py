@@ -207,37 +207,31 @@ def _ade20k_semantic(found: dict[str, DataPath], transforms, bad_samples="stop")
     )
 
 
-def _cityscapes_semantic(found: dict[str, DataPath], transforms, bad_samples="stop") -> Dataset:
-    return SemanticDataset(
-        found["images"],
-        found["masks"],
-        cityscapes_categories(),
-        image_suffix="_leftImg8bit.png",
-        label_suffix="_gtFine_labelIds.png",
-        transforms=transforms,
-        label_lut=cityscapes_label_lut(),
-        known_values=[label.id for label in CITYSCAPES_LABELS if label.id >= 0],
-        bad_samples=bad_samples,
-        categories_source="the Cityscapes label table (cityscapesscripts)",
-    )
+def _cityscapes(categories: list[dict], label_lut: list[int], what: str):
+    """A reader of Cityscapes' labelIds PNGs mapped through `label_lut` to `categories`."""
+
+    def read(found: dict[str, DataPath], transforms, bad_samples="stop") -> Dataset:
+        return SemanticDataset(
+            found["images"],
+            found["masks"],
+            categories,
+            image_suffix="_leftImg8bit.png",
+            label_suffix="_gtFine_labelIds.png",
+            transforms=transforms,
+            label_lut=label_lut,
+            known_values=[label.id for label in CITYSCAPES_LABELS if label.id >= 0],
+            bad_samples=bad_samples,
+            categories_source=f"the {what} of the Cityscapes label table (cityscapesscripts)",
+        )
+
+    return read
 
 
-def _cityscapes_category_semantic(
-    found: dict[str, DataPath], transforms, bad_samples="stop"
-) -> Dataset:
-    """The same files as cityscapes_semantic, labelled with the 8 categories."""
-    return SemanticDataset(
-        found["images"],
-        found["masks"],
-        cityscapes_category_classes(),
-        image_suffix="_leftImg8bit.png",
-        label_suffix="_gtFine_labelIds.png",
-        transforms=transforms,
-        label_lut=cityscapes_category_lut(),
-        known_values=[label.id for label in CITYSCAPES_LABELS if label.id >= 0],
-        bad_samples=bad_samples,
-        categories_source="the categories of the Cityscapes label table (cityscapesscripts)",
-    )
+_cityscapes_semantic = _cityscapes(cityscapes_categories(), cityscapes_label_lut(), "train ids")
+# The same files labelled with the 8 categories.
+_cityscapes_category_semantic = _cityscapes(
+    cityscapes_category_classes(), cityscapes_category_lut(), "categories"
+)
 
 
 def _own_semantic(

@@ -271,15 +271,21 @@ class MaskClassificationLoss(nn.Module):
                 raise ValueError(
                     f"predictions[{depth}]: batch size {mask_shape[0]} but {len(targets)} targets"
                 )
-        for image, target in enumerate(targets):
-            masks, labels = target["masks"], target["labels"]
-            if masks.dim() != 3 or labels.dim() != 1 or masks.shape[0] != labels.shape[0]:
-                raise ValueError(
-                    f"targets[{image}]: masks {tuple(masks.shape)} and labels "
-                    f"{tuple(labels.shape)} must be (N, H, W) and (N,)"
-                )
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(
-                    f"targets[{image}]['labels']: values must lie in [0, {self.num_classes}), "
-                    f"got min {int(labels.min())} max {int(labels.max())}"
-                )
+        check_targets(targets, self.num_classes)
+
+
+def check_targets(targets: list[dict], num_classes: int) -> None:
+    """Each target's masks (N, H, W) and labels (N,) in [0, num_classes), or a ValueError
+    naming the target."""
+    for image, target in enumerate(targets):
+        masks, labels = target["masks"], target["labels"]
+        if masks.dim() != 3 or labels.dim() != 1 or masks.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"targets[{image}]: masks {tuple(masks.shape)} and labels "
+                f"{tuple(labels.shape)} must be (N, H, W) and (N,)"
+            )
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise ValueError(
+                f"targets[{image}]['labels']: values must lie in [0, {num_classes}), "
+                f"got min {int(labels.min())} max {int(labels.max())}"
+            )

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from eomt.modeling.backbone import default_taps, embed_tokens
+from eomt.modeling.criterion import check_targets
 from eomt.modeling.eomt import IMAGENET_MEAN, IMAGENET_STD
 
 DENSE_HEADS = ("linear", "mlp", "unet", "dpt")
@@ -378,18 +379,7 @@ class PixelCrossEntropy(nn.Module):
             )
         if logits.shape[0] != len(targets):
             raise ValueError(f"batch size {logits.shape[0]} but {len(targets)} targets")
-        for image, target in enumerate(targets):
-            masks, labels = target["masks"], target["labels"]
-            if masks.dim() != 3 or labels.dim() != 1 or masks.shape[0] != labels.shape[0]:
-                raise ValueError(
-                    f"targets[{image}]: masks {tuple(masks.shape)} and labels "
-                    f"{tuple(labels.shape)} must be (N, H, W) and (N,)"
-                )
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-                raise ValueError(
-                    f"targets[{image}]['labels']: values must lie in [0, {self.num_classes}), "
-                    f"got min {int(labels.min())} max {int(labels.max())}"
-                )
+        check_targets(targets, self.num_classes)
         labels = label_map(targets, self.ignore_index)
         logits = upsample(logits.float(), labels.shape[-2:])
         # Summed then divided by the labelled pixels (at least 1): the mean, and 0 rather than
