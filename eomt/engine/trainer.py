@@ -92,6 +92,7 @@ class Trainer:
         self.iteration = 0
         self.skipped_steps = 0  # with solver.nonfinite_loss=skip
         self.resumed = False
+        self._tensorboard = None  # logging.tensorboard: the SummaryWriter of train()
         # The evaluation split is read first: it names the classes (model.num_classes 0), and
         # a model that cannot be scored on it stops here, not after training.
         self.test_set = build_dataset(cfg, train=False)
@@ -307,6 +308,8 @@ class Trainer:
         if self.resumed and dist.is_main():
             _drop_records_after(metrics_file, self.iteration)
         wandb_run = self._start_wandb() if dist.is_main() else None
+        if dist.is_main():
+            self._start_tensorboard(metrics_file)
         # An evaluation comes after the checkpoint of its iteration: one that was interrupted,
         # or logged but not known to have finished, is redone (the final one below).
         if self.resumed and self._evaluates_at(self.iteration) and self.iteration < s.max_iter:
@@ -360,6 +363,7 @@ class Trainer:
         results = self.test(metrics_file, wandb_run)
         if wandb_run is not None:
             wandb_run.finish()
+        self._close_tensorboard()
         return results
 
     def _evaluates_at(self, iteration: int) -> bool:
@@ -461,6 +465,8 @@ class Trainer:
     def _log(self, metrics_file, record: dict, wandb_run) -> None:
         if not dist.is_main():
             return
+        if self._tensorboard is not None:
+            _write_scalars(self._tensorboard, record)
         # A skipped step's non-finite losses as null: NaN is not JSON.
         record = {
             k: None if isinstance(v, float) and not math.isfinite(v) else v
@@ -486,6 +492,47 @@ class Trainer:
             dir=str(self.output_dir),
             mode=mode,
         )
+
+    def _start_tensorboard(self, metrics_file: Path) -> None:
+        """logging.tensorboard: a SummaryWriter into OUTPUT_DIR/tensorboard/ that gets what
+        metrics.jsonl gets. Its purge step is the iteration this run starts from, so that what
+        an interrupted run wrote from there on is hidden (a fresh run hides all older events);
+        the records of that iteration which metrics.jsonl keeps (the training record before
+        the checkpoint) are written again."""
+        self._close_tensorboard()
+        if not self.cfg.logging.tensorboard:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tensorboard = SummaryWriter(
+            str(self.output_dir / "tensorboard"), purge_step=self.iteration
+        )
+        if self.iteration > 0 and metrics_file.is_file():
+            for line in metrics_file.read_text().splitlines():
+                record = json.loads(line) if line else {}
+                if record.get("iteration") == self.iteration:
+                    _write_scalars(self._tensorboard, record)
+
+    def _close_tensorboard(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def _write_scalars(writer, record: dict) -> None:
+    """A metrics.jsonl record as TensorBoard scalars at its iteration, under the same names; a
+    list (attn_mask_probs) as one scalar per item (attn_mask_probs/0, /1, ...), null as NaN.
+    Flushed at once: the curves are live, and an interrupted run loses nothing it logged."""
+    for key, value in record.items():
+        if key == "iteration":
+            continue
+        items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+        for index, item in items:
+            if item is None or (isinstance(item, (int, float)) and not isinstance(item, bool)):
+                tag = key if index is None else f"{key}/{index}"
+                number = math.nan if item is None else float(item)
+                writer.add_scalar(tag, number, global_step=record["iteration"])
+    writer.flush()
 
 
 def _drop_records_after(metrics_file: Path, iteration: int) -> None:
