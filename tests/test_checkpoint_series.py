@@ -5,11 +5,21 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from eomt.engine import checkpoint_series
-from eomt.engine.checkpoint_series import select_checkpoints
+from eomt.engine.checkpoint_series import _has_metrics, select_checkpoints
 from eomt.engine.trainer import Trainer, _scalar_metrics
 from tools import evaluate_checkpoints
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tiny model's tensors: one thread is faster than several, by far on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_a_run_evaluated_checkpoint_by_checkpoint(tiny_cfg, tmp_path, monkeypatch, capsys):
@@ -61,6 +71,13 @@ def test_every_nth_checkpoint_and_the_last():
     assert select_checkpoints(paths, 9) == [paths[0], paths[4]]
     with pytest.raises(ValueError, match="at least 1"):
         select_checkpoints(paths, 0)
+
+
+def test_a_checkpoint_without_a_metric_asked_for_is_evaluated_again():
+    record = {"iteration": 3, "checkpoint": "model_0000003.pth", "panoptic/PQ": 1.0}
+    assert _has_metrics(record, ["panoptic"])
+    assert not _has_metrics(record, ["panoptic", "semantic"])
+    assert not _has_metrics(None, ["panoptic"])
 
 
 def test_clear_errors_for_a_folder_that_is_not_a_run(tmp_path):

@@ -8,8 +8,9 @@ A run folder is a trainer's output_dir: its `config.yaml` and its checkpoints
 `test.num_vis`) go to `<run>/checkpoint_series/<checkpoint name>/`, its scalar metrics, named
 as in metrics.jsonl, to one line of `<run>/checkpoint_series.jsonl`, which is rewritten whole
 (atomically) after each checkpoint: an interrupted series keeps every checkpoint it finished,
-and checkpoints already in the file are not evaluated again. The headline metrics against the
-iteration are drawn into `<run>/checkpoint_series.png`.
+and a checkpoint already in the file (with metrics of every task of test.metrics) is not
+evaluated again. The headline metrics against the iteration are drawn into
+`<run>/checkpoint_series.png`.
 """
 
 import json
@@ -94,9 +95,13 @@ def evaluate_series(run, every: int = 1, overrides=(), plot: bool = True) -> lis
     checkpoints = select_checkpoints(run_checkpoints(run), every)
     series_file = run / SERIES_FILE
     records = {record["iteration"]: record for record in read_series(series_file)}
-    todo = [path for path in checkpoints if checkpoint_iteration(path) not in records]
+    cfg = get_cfg(run / "config.yaml", list(overrides))
+    todo = [
+        path
+        for path in checkpoints
+        if not _has_metrics(records.get(checkpoint_iteration(path)), cfg.test.metrics)
+    ]
     if todo:
-        cfg = get_cfg(run / "config.yaml", list(overrides))
         # The model is built from the first checkpoint to evaluate: no backbone weights are
         # fetched, and a checkpoint of another architecture stops here with its mismatches.
         cfg.model.weights = str(todo[0])
@@ -117,6 +122,12 @@ def evaluate_series(run, every: int = 1, overrides=(), plot: bool = True) -> lis
     if plot:
         plot_series(series, run / PLOT_FILE, title=run.name)
     return series
+
+
+def _has_metrics(record: dict | None, tasks) -> bool:
+    """Whether a checkpoint's record holds metrics of every task of `tasks` (test.metrics): a
+    checkpoint evaluated before without one of them is evaluated again, its record replaced."""
+    return record is not None and all(any(k.startswith(f"{t}/") for k in record) for t in tasks)
 
 
 def headline_keys(series: list[dict]) -> list[str]:
@@ -141,6 +152,7 @@ def plot_series(series: list[dict], path: Path, title: str = "") -> Path:
     to a temporary file and renamed over `path`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     figure = Figure(figsize=(6, 4), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
@@ -149,6 +161,7 @@ def plot_series(series: list[dict], path: Path, title: str = "") -> Path:
         points = [(r["iteration"], r[key]) for r in series if key in r]
         axes.plot(*zip(*points), marker="o", label=key)
     axes.set_xlabel("iteration")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel("metric (%)")
     axes.set_title(f"{title}: checkpoints" if title else "checkpoints")
     axes.grid(alpha=0.3)
