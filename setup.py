@@ -20,5 +20,11 @@ setup(
         "safetensors",
         "fvcore",
     ],
-    extras_require={"wandb": ["wandb"], "onnx": ["onnx", "onnxruntime"]},
+    extras_require={
+        "wandb": ["wandb"],
+        "onnx": ["onnx", "onnxruntime"],
+        "report": ["matplotlib"],  # tools/report.py, tools/evaluate_checkpoints.py pictures
+        "tensorboard": ["tensorboard"],  # logging.tensorboard=true
+        "slurm": ["submitit"],  # tools/sweep.py --slurm
+    },
 )
