@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 from collections import Counter, deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # torch only in annotations: importing this module stays chea
     import torch
 
 PREDICTIONS_NAME = "predictions"  # output_dir/predictions.json and output_dir/predictions/*.png
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
 def masks_to_panoptic(
@@ -235,6 +237,26 @@ def _arrays_job(pred_seg, pred_segments, gt_seg, gt_segments, num_classes, where
     return stats
 
 
+def _keep_freed_memory() -> None:
+    """Pool initializer: a worker keeps the memory it frees, for the next image.
+
+    Each image allocates and frees some MB of maps and temporaries. By default glibc hands
+    such blocks back to the system (munmap, heap trimming) and the next image's first writes
+    to them page-fault, about 600 times per COCO-sized image (PQ of 200 images from files in
+    one worker: 2.27 s with the faults, 1.77 s without). Served from the heap (up to 32 MB a
+    block) and with the heap trimmed only above 256 MB free, a worker's memory stays at what
+    its largest image needed. Linux with glibc only.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 32 << 20)
+        mallopt(M_TRIM_THRESHOLD, 256 << 20)
+
+
 def _files_job(pred_png, pred_segments, gt_png, gt_segments, num_classes, where):
     """Worker task: statistics of a predicted and a ground-truth panoptic PNG."""
     pred_seg, gt_seg = read_panoptic_png(pred_png), read_panoptic_png(gt_png)
@@ -383,7 +405,9 @@ class PanopticEvaluator:
             return
         if self._pool is None:
             context = multiprocessing.get_context(self.start_method)
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=context, initializer=_keep_freed_memory
+            )
         if len(self._pending) >= 2 * self.workers:
             self._add_oldest()
         self._pending.append(self._pool.submit(job, *args))
