@@ -140,12 +140,13 @@ def _edit_json(path, edit):
 
 
 def test_scoring_files_imports_neither_torch_nor_timm(tmp_path):
-    """tools/evaluate.py starts in half a second: torch, timm and torchvision take seconds."""
+    """tools/evaluate.py starts in half a second: torch, timm and torchvision take seconds;
+    panoptic files do not wait for pycocotools either (instance files need it)."""
     root = write_panoptic_fixture(tmp_path)
     code = (
         "import sys; from tools import evaluate; "
         f"summary = evaluate.main({_panoptic_args(root, '--json', '--workers', '0')!r}); "
-        "print(sorted({'torch', 'timm', 'torchvision'} & set(sys.modules)))"
+        "print(sorted({'torch', 'timm', 'torchvision', 'pycocotools'} & set(sys.modules)))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
