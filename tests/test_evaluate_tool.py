@@ -11,6 +11,7 @@ from pycocotools import mask as mask_util
 
 from eomt.evaluation import PanopticEvaluator
 from eomt.evaluation.files import json_ready
+from eomt.evaluation.panoptic import FILES_PER_TASK
 from eomt.evaluation.panoptic_io import write_panoptic_png
 from eomt.tasks import panoptic
 from tools import benchmark_eval, evaluate
@@ -310,6 +311,16 @@ def test_benchmark_files_score_as_their_pairs_in_memory(tmp_path, capsys):
     assert lines[0] == f"PQ from the COCO panoptic files of 3 images in {tmp_path}"
     assert lines[2].split()[0] == "0"
     assert float(lines[2].split()[-1]) == pytest.approx(expected["PQ"], abs=1e-4)
+
+
+def test_panoptic_files_in_tasks_of_several_images_give_the_same_numbers(tmp_path):
+    """Workers read FILES_PER_TASK images a task; the sums are added in image order, so any
+    number of workers gives every number of the single-process run."""
+    rng = np.random.default_rng(1)
+    pairs = [benchmark_eval.synthetic_pair(rng, 24, 32, 4, 5) for _ in range(3)]
+    benchmark_eval.write_panoptic_files(tmp_path, pairs, 2 * FILES_PER_TASK + 3, seed=1)
+    args = (tmp_path / "gt.json", tmp_path / "gt", tmp_path / "pred.json", tmp_path / "pred")
+    assert panoptic.evaluate_files(*args, 2) == panoptic.evaluate_files(*args, 0)
 
 
 # ----------------------------------------------------------------------------- semantic

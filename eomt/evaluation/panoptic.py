@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # torch only in annotations: importing this module stays chea
     import torch
 
 PREDICTIONS_NAME = "predictions"  # output_dir/predictions.json and output_dir/predictions/*.png
+FILES_PER_TASK = 8  # images read by one worker task: fewer round trips through the pool
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
@@ -234,7 +235,7 @@ def _arrays_job(pred_seg, pred_segments, gt_seg, gt_segments, num_classes, where
     stats = pq_image_stats(pred_seg, pred_segments, gt_seg, gt_segments, num_classes, where)
     if png_path is not None:
         write_panoptic_png(png_path, pred_seg)
-    return stats
+    return [stats]
 
 
 def _keep_freed_memory() -> None:
@@ -257,14 +258,20 @@ def _keep_freed_memory() -> None:
         mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
 
-def _files_job(pred_png, pred_segments, gt_png, gt_segments, num_classes, where):
-    """Worker task: statistics of a predicted and a ground-truth panoptic PNG."""
-    pred_seg, gt_seg = read_panoptic_png(pred_png), read_panoptic_png(gt_png)
-    if pred_seg.shape != gt_seg.shape:
-        raise ValueError(
-            f"{where}: {pred_png} has size {pred_seg.shape} but {gt_png} has {gt_seg.shape}"
+def _files_job(images: list[tuple], num_classes: int) -> list[ImageStats]:
+    """Worker task: statistics of images stored as panoptic PNGs, each given as (predicted
+    PNG, its segments, ground-truth PNG, its segments, where)."""
+    stats = []
+    for pred_png, pred_segments, gt_png, gt_segments, where in images:
+        pred_seg, gt_seg = read_panoptic_png(pred_png), read_panoptic_png(gt_png)
+        if pred_seg.shape != gt_seg.shape:
+            raise ValueError(
+                f"{where}: {pred_png} has size {pred_seg.shape} but {gt_png} has {gt_seg.shape}"
+            )
+        stats.append(
+            pq_image_stats(pred_seg, pred_segments, gt_seg, gt_segments, num_classes, where)
         )
-    return pq_image_stats(pred_seg, pred_segments, gt_seg, gt_segments, num_classes, where)
+    return stats
 
 
 def _compact(segment_map: np.ndarray) -> np.ndarray:
@@ -295,7 +302,8 @@ class PanopticEvaluator:
     pq_compute divides by zero). Results are in percent.
 
     ``workers`` processes (default min(8, CPU count); 0 = compute in this process) score the
-    images while the caller goes on; at most 2 x workers images wait, so memory stays flat.
+    images while the caller goes on; at most 2 x workers tasks wait (an image each, or
+    ``FILES_PER_TASK`` images from files), so memory stays flat.
     Results do not depend on the number of workers: images are added up in the order given.
     An error in an image surfaces at a later ``process`` call or at ``evaluate``. Worker tasks
     are top-level functions of picklable arguments, so every start method works; ``start_method``
@@ -324,6 +332,7 @@ class PanopticEvaluator:
             (self.output_dir / PREDICTIONS_NAME).mkdir(parents=True, exist_ok=True)
         self._pool: ProcessPoolExecutor | None = None
         self._pending: deque[Future] = deque()
+        self._files: list[tuple] = []  # images of process_files not yet handed to a worker
         self.reset()
 
     def reset(self) -> None:
@@ -385,19 +394,20 @@ class PanopticEvaluator:
     ) -> None:
         """Add one image stored as COCO panoptic PNGs; segment dicts with contiguous labels.
 
-        The PNGs are read by the workers.
+        The PNGs are read by the workers, ``FILES_PER_TASK`` images a task.
         """
         self.image_ids.append(image_id)
         where = f"image {image_id} ({pred_png})"
-        self._submit(
-            _files_job,
-            str(pred_png),
-            list(pred_segments),
-            str(gt_png),
-            list(gt_segments),
-            self.num_classes,
-            where,
+        self._files.append(
+            (str(pred_png), list(pred_segments), str(gt_png), list(gt_segments), where)
         )
+        if self.workers == 0 or len(self._files) == FILES_PER_TASK:
+            self._submit_files()
+
+    def _submit_files(self) -> None:
+        if self._files:
+            self._submit(_files_job, self._files, self.num_classes)
+            self._files = []
 
     def _submit(self, job, *args) -> None:
         if self.workers == 0:
@@ -414,18 +424,19 @@ class PanopticEvaluator:
 
     def _add_oldest(self) -> None:
         try:
-            stats = self._pending.popleft().result()
+            images = self._pending.popleft().result()
         except BaseException:
             self._close_pool()
             raise
-        self._add(stats)
+        self._add(images)
 
-    def _add(self, stats: ImageStats) -> None:
-        for category, iou in stats.matches:
-            self.true_positives[category] += 1
-            self.iou_sum[category] += iou
-        self.false_positives += stats.false_positives
-        self.false_negatives += stats.false_negatives
+    def _add(self, images: list[ImageStats]) -> None:
+        for stats in images:
+            for category, iou in stats.matches:
+                self.true_positives[category] += 1
+                self.iou_sum[category] += iou
+            self.false_positives += stats.false_positives
+            self.false_negatives += stats.false_negatives
 
     def _close_pool(self) -> None:
         """Stop the workers, dropping images not yet added."""
@@ -433,9 +444,11 @@ class PanopticEvaluator:
             self._pool.shutdown(cancel_futures=True)
         self._pool = None
         self._pending.clear()
+        self._files = []
 
     def state(self) -> dict:
         """This process's sums, once every submitted image is added (the pool is then closed)."""
+        self._submit_files()
         while self._pending:
             self._add_oldest()
         self._close_pool()
