@@ -15,6 +15,7 @@ setup(
         "pycocotools",
         "numpy",
         "pillow",
+        "pyspng",
         "omegaconf",
         "tqdm",
         "safetensors",

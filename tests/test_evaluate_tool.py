@@ -11,8 +11,10 @@ from pycocotools import mask as mask_util
 
 from eomt.evaluation import PanopticEvaluator
 from eomt.evaluation.files import json_ready
+from eomt.evaluation.panoptic import FILES_PER_TASK
 from eomt.evaluation.panoptic_io import write_panoptic_png
-from tools import evaluate
+from eomt.tasks import panoptic
+from tools import benchmark_eval, evaluate
 
 CATEGORIES = [
     {"id": 1, "name": "person", "isthing": 1},
@@ -139,12 +141,13 @@ def _edit_json(path, edit):
 
 
 def test_scoring_files_imports_neither_torch_nor_timm(tmp_path):
-    """tools/evaluate.py starts in half a second: torch, timm and torchvision take seconds."""
+    """tools/evaluate.py starts in half a second: torch, timm and torchvision take seconds;
+    panoptic files do not wait for pycocotools either (instance files need it)."""
     root = write_panoptic_fixture(tmp_path)
     code = (
         "import sys; from tools import evaluate; "
         f"summary = evaluate.main({_panoptic_args(root, '--json', '--workers', '0')!r}); "
-        "print(sorted({'torch', 'timm', 'torchvision'} & set(sys.modules)))"
+        "print(sorted({'torch', 'timm', 'torchvision', 'pycocotools'} & set(sys.modules)))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -281,6 +284,43 @@ def test_panoptic_predictions_named_by_file_stem_say_how_to_predict(tmp_path):
     message = _stem_named(root / "pred.json", "000000000011", root / "gt.json")
     with pytest.raises(ValueError, match=message):
         evaluate.main(_panoptic_args(root, "--workers", "0"))
+
+
+def test_benchmark_files_score_as_their_pairs_in_memory(tmp_path, capsys):
+    """tools/benchmark_eval.py --files: COCO panoptic files (ground-truth ids random colours)
+    whose PQ from files is that of the same pairs in memory, then timed."""
+    rng = np.random.default_rng(0)
+    pairs = [benchmark_eval.synthetic_pair(rng, 48, 64, 5, 6) for _ in range(2)]
+    benchmark_eval.write_panoptic_files(tmp_path, pairs, 3, seed=0)
+    from_files = panoptic.evaluate_files(
+        tmp_path / "gt.json", tmp_path / "gt", tmp_path / "pred.json", tmp_path / "pred", 0
+    )
+    in_memory = PanopticEvaluator(benchmark_eval.coco_like_categories(), workers=0)
+    for index in range(3):
+        pred, pred_segments, gt, gt_segments = pairs[index % 2]
+        present = [segment for segment in gt_segments if (gt == segment["id"]).any()]
+        in_memory.process(pred, pred_segments, gt, present)  # COCO lists no empty segment
+    expected = in_memory.evaluate()
+    assert from_files["All"]["PQ"] == pytest.approx(expected["PQ"], rel=1e-12)
+    for row in expected["per_class"]:
+        counts = from_files["per_class"][str(row["id"])]
+        assert [counts[key] for key in ("TP", "FP", "FN")] == [row["TP"], row["FP"], row["FN"]]
+
+    benchmark_eval.main(["--files", str(tmp_path), "--workers", "0", "--rounds", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"PQ from the COCO panoptic files of 3 images in {tmp_path}"
+    assert lines[2].split()[0] == "0"
+    assert float(lines[2].split()[-1]) == pytest.approx(expected["PQ"], abs=1e-4)
+
+
+def test_panoptic_files_in_tasks_of_several_images_give_the_same_numbers(tmp_path):
+    """Workers read FILES_PER_TASK images a task; the sums are added in image order, so any
+    number of workers gives every number of the single-process run."""
+    rng = np.random.default_rng(1)
+    pairs = [benchmark_eval.synthetic_pair(rng, 24, 32, 4, 5) for _ in range(3)]
+    benchmark_eval.write_panoptic_files(tmp_path, pairs, 2 * FILES_PER_TASK + 3, seed=1)
+    args = (tmp_path / "gt.json", tmp_path / "gt", tmp_path / "pred.json", tmp_path / "pred")
+    assert panoptic.evaluate_files(*args, 2) == panoptic.evaluate_files(*args, 0)
 
 
 # ----------------------------------------------------------------------------- semantic

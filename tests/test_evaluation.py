@@ -416,6 +416,25 @@ def test_segment_ids_round_trip_through_png(tmp_path):
         read_panoptic_png(tmp_path / "gray.png")
 
 
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_panoptic_png_reads_as_pillow_decodes_it(tmp_path, mode):
+    """libspng's decoding gives the ids of Pillow's pixels (alpha ignored); a broken file is
+    an error that names it."""
+    pixels = np.random.default_rng(3).integers(0, 256, size=(37, 53, len(mode)), dtype=np.uint8)
+    Image.fromarray(pixels, mode).save(tmp_path / "ids.png")
+    with Image.open(tmp_path / "ids.png") as png:
+        decoded = np.asarray(png)[..., :3].astype(np.uint32)
+    expected = decoded[..., 0] + 256 * decoded[..., 1] + 256**2 * decoded[..., 2]
+    read = read_panoptic_png(tmp_path / "ids.png")
+    assert read.dtype == np.uint32
+    np.testing.assert_array_equal(read, expected)
+
+    data = (tmp_path / "ids.png").read_bytes()
+    (tmp_path / "broken.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="broken.png: pyspng"):
+        read_panoptic_png(tmp_path / "broken.png")
+
+
 # ----------------------------------------------------------------------------- semantic
 
 

@@ -7,13 +7,17 @@ also has ``iscrowd`` (and usually ``area`` and ``bbox``). By convention the PNGs
 lie in the folder ``name/``.
 """
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
+import pyspng
 from PIL import Image
 
 MAX_SEGMENT_ID = 256**3 - 1
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+EIGHT_BIT_RGB = (b"\x08\x02", b"\x08\x06")  # (bit depth, colour type): RGB, RGBA
 
 
 def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
@@ -40,7 +44,18 @@ def read_panoptic_png(path: str | Path) -> np.ndarray:
     """Segment ids (H, W) uint32 of a panoptic PNG (its first three channels, as the COCO API)."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"panoptic PNG not found: {path}")
-    with Image.open(path) as png:
+    data = Path(path).read_bytes()
+    # IHDR, the first chunk, gives the bit depth (byte 24) and colour type (byte 25).
+    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and data[24:26] in EIGHT_BIT_RGB:
+        # libspng decodes these twice as fast as Pillow. As RGBA a pixel is 4 bytes whose low
+        # three, read as a little-endian uint32, are its id: no per-channel temporaries.
+        try:
+            ids = pyspng.load(data, "RGBA").view("<u4")[..., 0]
+        except RuntimeError as error:
+            raise ValueError(f"{path}: {error}") from error
+        ids &= 0xFFFFFF
+        return ids
+    with Image.open(io.BytesIO(data)) as png:
         rgb = np.asarray(png)
     if rgb.ndim != 3 or rgb.shape[2] < 3:
         raise ValueError(f"{path}: expected an RGB panoptic PNG, got an array of shape {rgb.shape}")

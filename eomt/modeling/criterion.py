@@ -56,8 +56,10 @@ def sigmoid_bce_cost(point_logits: Tensor, point_targets: Tensor) -> Tensor:
     # BCE(x, t) = -t * log(sigmoid(x)) - (1 - t) * log(1 - sigmoid(x)) is linear in t, so two
     # matmuls give all pairs; log(1 - sigmoid(x)) = log(sigmoid(x)) - x.
     log_prob = F.logsigmoid(point_logits)
-    cost = -(log_prob @ point_targets.T) - (log_prob - point_logits) @ (1.0 - point_targets).T
-    return cost / point_logits.shape[1]
+    positive = log_prob @ point_targets.T
+    # In place: a (K, P) temporary fewer, each of which page-faults anew on the CPU.
+    negative = log_prob.sub_(point_logits) @ (1.0 - point_targets).T
+    return (-positive - negative) / point_logits.shape[1]
 
 
 def dice_cost(point_logits: Tensor, point_targets: Tensor) -> Tensor:

@@ -2,22 +2,28 @@
 
 Results are {masks (M, H, W) bool, scores (M,), labels (M,)}; written as one COCO results JSON
 (RLE masks, boxes, scores) and read back from such a file by `evaluate_files`.
+
+pycocotools (and with it urllib and http) is imported where it is used: scoring panoptic or
+semantic files does not wait for it.
 """
+
+from __future__ import annotations
 
 import contextlib
 import io
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
 
 from eomt.evaluation.files import check_image_ids, load_json
-from eomt.evaluation.instance import COCO_STATS, InstanceEvaluator, coco_mask_ap
 from eomt.pictures import draw_instances
 from eomt.streamed_json import StreamedJson
 from eomt.tasks.base import Task, json_score
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
 
 
 class InstanceTask(Task):
@@ -49,6 +55,8 @@ class InstanceTask(Task):
         return target  # the evaluator encodes the target's masks itself
 
     def build_evaluator(self, categories, test_cfg, output_dir=None):
+        from eomt.evaluation.instance import InstanceEvaluator  # pycocotools
+
         return InstanceEvaluator(categories)
 
     def score(self, evaluator, result, truth, target):
@@ -67,6 +75,8 @@ class InstanceTask(Task):
 
 
 def _annotations(image_id, result) -> list[dict]:
+    from pycocotools import mask as mask_utils
+
     masks = np.asfortranarray(result["masks"].numpy().transpose(1, 2, 0).astype(np.uint8))
     rles = mask_utils.encode(masks) if len(result["scores"]) else []
     annotations = []
@@ -124,6 +134,10 @@ def evaluate_files(gt_json: str, pred_json: str) -> tuple[dict, str]:
     a COCO results file (image_id, category_id, RLE segmentation, score) against COCO instance
     ground truth. A "bbox" in a result is dropped, so that a detection's area (which sorts it
     into small / medium / large) is its mask's."""
+    from pycocotools.coco import COCO
+
+    from eomt.evaluation.instance import COCO_STATS, coco_mask_ap
+
     dataset = load_json(gt_json)
     if not isinstance(dataset, dict) or not {"images", "annotations", "categories"} <= set(dataset):
         raise ValueError(f"{gt_json}: a COCO instance JSON needs images, annotations, categories")
