@@ -8,8 +8,16 @@ import torch
 from eomt.config import get_cfg
 from eomt.engine.annealing import MaskAnnealing
 from eomt.modeling import build_model, count_trainable
+from eomt.report import paper_row
+from eomt.sweep import load_sweep
 
-CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml"))
+# Model configs; configs/sweeps/ holds sweep files and paper_results.yaml the paper's numbers.
+CONFIGS = sorted(
+    str(p)
+    for p in Path("configs").rglob("*.yaml")
+    if p.parent.name != "sweeps" and p.name != "paper_results.yaml"
+)
+SWEEPS = sorted(str(p) for p in Path("configs/sweeps").glob("*.yaml"))
 
 # (config, task, classes, queries, L2, input, iterations, anneal starts, anneal ends): the
 # official configs' values (shared/paper_tables.md, section 6).
@@ -97,3 +105,14 @@ def test_head_configs_build_with_their_trainable_parameters(name, total, trainab
         model = build_model(cfg)
     counts = count_trainable(model)
     assert round(sum(counts) / 1e6, 1) == total and round(counts[0] / 1e6, 1) == trainable
+
+
+@pytest.mark.parametrize("path", SWEEPS)
+def test_every_sweep_expands_into_runs_whose_configs_load(path):
+    runs = load_sweep(path)
+    assert runs and len({run.name for run in runs}) == len(runs)
+    for run in runs:
+        cfg = get_cfg(run.config, run.overrides)
+        assert cfg.task in cfg.test.metrics
+        if run.paper:
+            assert paper_row(run.paper)  # every named paper row exists
