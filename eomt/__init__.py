@@ -4,7 +4,7 @@ The names below are imported on first use, so that `import eomt.evaluation` and 
 score files need neither torch nor timm.
 """
 
-from importlib import import_module
+from eomt.lazy import lazy_getattr
 
 _LAZY = {
     "get_cfg": "eomt.config",
@@ -18,13 +18,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    """A name of `_LAZY`, or a subpackage or module (`eomt.weights`, `eomt.predictor`, ...)."""
-    if name in _LAZY:
-        return getattr(import_module(_LAZY[name]), name)
-    try:
-        return import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as error:
-        if error.name != f"{__name__}.{name}":
-            raise
-        raise AttributeError(f"module 'eomt' has no attribute '{name}'") from None
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from eomt.config import get_cfg
 from eomt.data import generate_synthetic_dataset
@@ -40,3 +41,13 @@ def tiny_cfg(synthetic_root, tmp_path):
         )
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test (tiny tensors: far faster than several threads on a
+    busy machine), the thread count restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

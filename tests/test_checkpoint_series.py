@@ -5,21 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from eomt.engine import checkpoint_series
 from eomt.engine.checkpoint_series import _has_metrics, select_checkpoints
 from eomt.engine.trainer import Trainer, _scalar_metrics
 from tools import evaluate_checkpoints
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's tensors: one thread is faster than several, by far on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_run_evaluated_checkpoint_by_checkpoint(tiny_cfg, tmp_path, monkeypatch, capsys):

@@ -5,20 +5,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from eomt.config import ConfigError
 from eomt.engine.trainer import Trainer
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model's tensors: one thread is faster than several, by far on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Interrupted(Exception):
