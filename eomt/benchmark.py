@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from eomt.inference import autocast_for, window_starts
-from eomt.modeling import build_model
+from eomt.modeling import build_model, count_trainable
 from eomt.runtime import FastForward
 
 with warnings.catch_warnings():
@@ -42,11 +42,6 @@ DEFAULT_ITERATIONS = {"cuda": (50, 500), "cpu": (2, 10)}
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def trainable(model: nn.Module) -> int:
-    """Parameters that train (all but the frozen blocks, `model.frozen_blocks`)."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def sdpa_flop_jit(inputs: list, outputs: list) -> int:
@@ -320,10 +315,12 @@ def benchmark(
     if not (flops or fps):
         with torch.device("meta"):
             model = build_model(cfg, backbone_weights=False)
-        result["params"], result["params_trainable"] = count_parameters(model), trainable(model)
+        result["params"] = count_parameters(model)
+        result["params_trainable"] = count_trainable(model)[0]
         return result
     model = build_model(cfg, backbone_weights=False).eval()
-    result["params"], result["params_trainable"] = count_parameters(model), trainable(model)
+    result["params"] = count_parameters(model)
+    result["params_trainable"] = count_trainable(model)[0]
     if flops:
         counted = count_flops(model, torch.rand(1, 3, height, width))
         result["gflops"] = round(crops * counted["flops"] / 1e9, 2)
