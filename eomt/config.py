@@ -159,11 +159,20 @@ def _load_file(path: Path, valid: dict, seen: tuple = ()) -> dict:
     for base in [bases] if isinstance(bases, str) else bases:
         values.update(_load_file(path.parent / base, valid, seen + (path,)))
     for key, value in _flatten(data).items():
-        key = MOVED_KEYS.get(key, key)
-        _check_key(key, valid, str(path))
-        values[key] = _coerce(key, value, valid[key], str(path))
-        _check_value(key, values[key], str(path))
+        _assign(values, key, value, valid, str(path))
     return values
+
+
+def _assign(values: dict, key: str, value, valid: dict, source: str) -> None:
+    """values[key] = value, checked; `a.b=v` under a free-form dict key `a` sets its item b."""
+    key = MOVED_KEYS.get(key, key)
+    parent = key.rpartition(".")[0]
+    if parent in FREE_FORM_KEYS:
+        values[parent] = {**values.get(parent, valid[parent]), key.rpartition(".")[2]: value}
+        return
+    _check_key(key, valid, source)
+    values[key] = _coerce(key, value, valid[key], source)
+    _check_value(key, values[key], source)
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -199,10 +208,7 @@ def get_cfg(
         overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
     )
     for key, value in items:
-        key = MOVED_KEYS.get(key, key)
-        _check_key(key, valid, "override")
-        values[key] = _coerce(key, value, valid[key], "override")
-        _check_value(key, values[key], "override")
+        _assign(values, key, value, valid, "override")
     cfg = OmegaConf.create(_unflatten(values))
     OmegaConf.set_struct(cfg, True)
     return cfg

@@ -71,3 +71,16 @@ def test_moved_annealing_keys_still_read_from_files_overrides_and_saved_configs(
     saved = OmegaConf.to_container(cfg)
     saved["model"]["anneal_power"] = saved["solver"].pop("anneal_power")  # a checkpoint of before
     assert cfg_from_dict(saved).solver.anneal_power == 2.0
+
+
+def test_an_item_of_the_backbone_arguments_is_set_without_the_others(tmp_path):
+    path = write(tmp_path / "small.yaml", "model:\n  backbone_kwargs: {depth: 6, num_heads: 3}\n")
+    cfg = get_cfg(path, ["model.backbone_kwargs.depth=4", "model.backbone_kwargs.mlp_ratio=2.0"])
+    assert OmegaConf.to_container(cfg.model.backbone_kwargs) == {
+        "depth": 4,
+        "num_heads": 3,
+        "mlp_ratio": 2.0,
+    }
+    assert get_cfg(overrides=["model.backbone_kwargs.depth=2"]).model.backbone_kwargs.depth == 2
+    with pytest.raises(ConfigError, match="unknown config key 'model.backbon.depth'"):
+        get_cfg(overrides=["model.backbon.depth=2"])

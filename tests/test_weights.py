@@ -3,6 +3,8 @@ partial loading and refusal of pickles that would run code."""
 
 import os
 import pickle
+import runpy
+import sys
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from eomt.modeling import build_model
 from eomt.weights import load_model
 from eomt.weights.architecture import infer_config
 from eomt.weights.export import official_state_dict
+from eomt.weights.files import save_weights
 from eomt.weights.layouts import (
     base_backbone_weights,
     hf_to_ours,
@@ -472,3 +475,35 @@ def test_convert_tool_chain_returns_the_same_file(tmp_path, capsys):
     assert printed.count("max |difference| 0") == 2 * len(steps), printed
     assert_same_state(torch.load(tmp_path / "back.bin"), torch.load(tmp_path / "official.bin"))
     assert_same_outputs(model, from_checkpoint(tmp_path / "ours.pth").eval())
+
+
+def test_convert_tool_refuses_a_layout_that_cannot_hold_the_model_and_leaves_nothing(
+    tmp_path, monkeypatch, capsys
+):
+    """A DeiT backbone: the official layout reads back as DINOv2, and HF holds no such EoMT."""
+    model, cfg = tiny_model("vit_small_patch16_224")
+    save_weights(model, cfg, None, tmp_path / "ours.safetensors")
+    before = sorted(tmp_path.iterdir())
+    with pytest.raises(
+        ValueError, match="(?s)the official layout cannot hold this model .*nothing was written"
+    ):
+        convert(
+            parse_args(
+                [str(tmp_path / "ours.safetensors"), str(tmp_path / "o.bin"), "--to", "official"]
+            )
+        )
+    assert sorted(tmp_path.iterdir()) == before
+    argv = [
+        "convert_checkpoint.py",
+        str(tmp_path / "ours.safetensors"),
+        str(tmp_path / "hf"),
+        "--to",
+        "hf",
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path("tools/convert_checkpoint.py", run_name="__main__")
+    assert str(stop.value.code).startswith(
+        f"error: converting {tmp_path / 'ours.safetensors'} to hf: "
+    )
+    assert sorted(tmp_path.iterdir()) == before

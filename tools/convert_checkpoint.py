@@ -22,6 +22,7 @@ masked attention on and off.
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -159,4 +160,8 @@ def max_difference(model, other, image_size, masked: bool, seed: int = 0) -> flo
 
 
 if __name__ == "__main__":
-    print(f"wrote {convert(parse_args())}")
+    args = parse_args()
+    try:
+        print(f"wrote {convert(args)}")
+    except (FileNotFoundError, ValueError) as error:  # the message names the problem
+        sys.exit(f"error: converting {args.input} to {args.to}: {error}")
