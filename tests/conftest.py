@@ -51,3 +51,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class Interrupted(Exception):
+    """Stands for a kill: raised by `die_after_logging`."""
+
+
+@pytest.fixture
+def die_after_logging(monkeypatch):
+    """die_after_logging(trainer, iteration): train until the record of `iteration` is logged,
+    then die there, as a killed process would (before any later checkpoint)."""
+    from eomt.engine.trainer import Trainer
+
+    def train(trainer, iteration: int) -> None:
+        original_log = Trainer._log
+
+        def log_then_die(self, metrics_file, record, wandb_run):
+            original_log(self, metrics_file, record, wandb_run)
+            if record["iteration"] == iteration:
+                raise Interrupted
+
+        monkeypatch.setattr(Trainer, "_log", log_then_die)
+        with pytest.raises(Interrupted):
+            trainer.train()
+        monkeypatch.setattr(Trainer, "_log", original_log)
+
+    return train

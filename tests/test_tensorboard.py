@@ -13,10 +13,6 @@ from eomt.engine.trainer import Trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Interrupted(Exception):
-    pass
-
-
 def read_tensorboard(folder) -> dict:
     """{(tag, step): value} of the event files in `folder`, as TensorBoard shows them (purged
     steps left out)."""
@@ -51,7 +47,9 @@ def assert_same(tensorboard: dict, metrics: dict) -> None:
         assert tensorboard[key] == float(np.float32(value)), key  # TensorBoard keeps float32
 
 
-def test_scalars_equal_metrics_jsonl_and_a_resumed_run_appends(tiny_cfg, tmp_path, monkeypatch):
+def test_scalars_equal_metrics_jsonl_and_a_resumed_run_appends(
+    tiny_cfg, tmp_path, die_after_logging
+):
     # Annealed masked attention (attn_mask_probs in the records), an evaluation every 2
     # iterations and a checkpoint every 2; the first run dies at iteration 3, after logging it.
     cfg = tiny_cfg(
@@ -62,17 +60,7 @@ def test_scalars_equal_metrics_jsonl_and_a_resumed_run_appends(tiny_cfg, tmp_pat
         "test.eval_period=2",
         "checkpoint_period=2",
     )
-    original_log = Trainer._log
-
-    def log_then_die(self, metrics_file, record, wandb_run):
-        original_log(self, metrics_file, record, wandb_run)
-        if record["iteration"] == 3:
-            raise Interrupted
-
-    monkeypatch.setattr(Trainer, "_log", log_then_die)
-    with pytest.raises(Interrupted):
-        Trainer(cfg).train()
-    monkeypatch.setattr(Trainer, "_log", original_log)
+    die_after_logging(Trainer(cfg), 3)
     run = tmp_path / "run"
     before = read_tensorboard(run / "tensorboard")
     assert_same(before, read_metrics(run))  # flushed as logged, though the run died

@@ -11,11 +11,7 @@ from eomt.predictor import Predictor
 from eomt.weights.files import read_checkpoint
 
 
-class Interrupted(Exception):
-    pass
-
-
-def test_resume_gives_identical_parameters(tiny_cfg, tmp_path, monkeypatch):
+def test_resume_gives_identical_parameters(tiny_cfg, tmp_path, die_after_logging):
     # Masked attention is annealed across the run, and two accumulation steps per iteration.
     # An evaluation every 2 iterations must not disturb the run either.
     overrides = ["solver.anneal_start=[1, 2]", "solver.anneal_end=[3, 5]", "test.eval_period=2"]
@@ -24,18 +20,7 @@ def test_resume_gives_identical_parameters(tiny_cfg, tmp_path, monkeypatch):
 
     cfg = tiny_cfg(*overrides, f"output_dir={tmp_path / 'b'}")
     first = Trainer(cfg)
-    original_log = Trainer._log
-
-    def log_then_die(self, metrics_file, record, wandb_run):
-        # Dies at iteration 4: after logging it, before its checkpoint (every 3 iterations).
-        original_log(self, metrics_file, record, wandb_run)
-        if record["iteration"] == 4:
-            raise Interrupted
-
-    monkeypatch.setattr(Trainer, "_log", log_then_die)
-    with pytest.raises(Interrupted):
-        first.train()
-    monkeypatch.setattr(Trainer, "_log", original_log)
+    die_after_logging(first, 4)  # after logging 4, before its checkpoint (every 3)
     assert read_checkpoint(checkpoints_newest_first(tmp_path / "b")[0])["iteration"] == 3
 
     resumed = Trainer(cfg)
