@@ -44,7 +44,9 @@ def as_image_tensor(image) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise TypeError(_refusal(f"a numpy {image.dtype} array {image.shape}"))
-        image = torch.from_numpy(image).permute(2, 0, 1)
+        # np.asarray(PIL image) is read-only, which torch.from_numpy warns about: copy it.
+        image = torch.from_numpy(image if image.flags.writeable else image.copy())
+        image = image.permute(2, 0, 1)
     if not isinstance(image, torch.Tensor):
         raise TypeError(_refusal(f"a {type(image).__name__}"))
     if image.dim() != 3 or image.shape[0] != 3:

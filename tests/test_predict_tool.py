@@ -2,6 +2,7 @@
 
 import errno
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -187,13 +188,16 @@ def test_an_image_in_each_accepted_form_gives_the_same_result(weights, image_dir
         "str": str(path),
         "PIL": Image.open(path),
         "array": array,
+        "read-only array": np.asarray(Image.open(path).convert("RGB")),
         "uint8 tensor": torch.from_numpy(array).permute(2, 0, 1).contiguous(),
         "float tensor": torch.from_numpy(array).permute(2, 0, 1) / 255,
     }
     expected_seg, expected_segments = predictor(array, "panoptic")
     assert expected_segments, "a score threshold of 0 keeps segments"
     for form, image in forms.items():
-        seg, segments = predictor(image, "panoptic")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # np.asarray(PIL image) is read-only: no warning
+            seg, segments = predictor(image, "panoptic")
         assert torch.equal(seg, expected_seg) and segments == expected_segments, form
     # A uint8 tensor is scaled like the array, not read as 0-255 floats.
     tensor = as_image_tensor(forms["uint8 tensor"])
