@@ -66,25 +66,40 @@ def to_uint8(image: torch.Tensor) -> np.ndarray:
     return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
 
 
+def _predictions(model, batch: torch.Tensor, amp: str, every_depth: bool) -> list[dict]:
+    """The model's predictions of `batch`: every supervised depth's, or the final one only."""
+    with autocast_for(batch.device, amp):
+        predictions = model(batch)
+    return predictions if every_depth else predictions[-1:]
+
+
 @torch.no_grad()
-def predict_logits(model, images: list[torch.Tensor], input_size, amp: str = "none"):
-    """Final mask logits (K, H, W) at each image's own size and class logits (K, C+1)."""
+def predict_logits(
+    model, images: list[torch.Tensor], input_size, amp: str = "none", every_depth: bool = False
+):
+    """Per depth, per image: mask logits (K, H, W) at the image's own size and class logits
+    (K, C+1). The depths are every prediction the model returns (`every_depth`: with masked
+    attention, one before each query block, then the final) or the final one only."""
     device = next(model.parameters()).device
     size = tuple(input_size)
     padded, inners = zip(*(resize_and_pad(image.to(device), size) for image in images))
-    with autocast_for(device, amp):
-        prediction = model(torch.stack(padded))[-1]
-    outputs = []
-    for i, image in enumerate(images):
-        mask_logits = prediction["mask_logits"][i].float()
-        mask_logits = restore_logits(mask_logits, inners[i], size, tuple(image.shape[-2:]))
-        outputs.append((mask_logits, prediction["class_logits"][i].float()))
-    return outputs
+    by_depth = []
+    for prediction in _predictions(model, torch.stack(padded), amp, every_depth):
+        outputs = []
+        for i, image in enumerate(images):
+            mask_logits = prediction["mask_logits"][i].float()
+            mask_logits = restore_logits(mask_logits, inners[i], size, tuple(image.shape[-2:]))
+            outputs.append((mask_logits, prediction["class_logits"][i].float()))
+        by_depth.append(outputs)
+    return by_depth
 
 
 @torch.no_grad()
-def predict_semantic_windows(model, images: list[torch.Tensor], window: int, amp: str = "none"):
-    """Per-pixel class scores (C, H, W) of each image from square windows of `window` pixels."""
+def predict_semantic_windows(
+    model, images: list[torch.Tensor], window: int, amp: str = "none", every_depth: bool = False
+):
+    """Per depth (as `predict_logits`), per image: per-pixel class scores (C, H, W) from square
+    windows of `window` pixels."""
     device = next(model.parameters()).device
     crops, origins = [], []
     for index, image in enumerate(images):
@@ -95,21 +110,26 @@ def predict_semantic_windows(model, images: list[torch.Tensor], window: int, amp
         for start in window_starts(resized.shape[long_dim], window):
             crops.append(resized.narrow(long_dim, start, window))
             origins.append((index, long_dim, start, resized.shape[1:]))
-    with autocast_for(device, amp):
-        prediction = model(torch.stack(crops))[-1]
-    sums: dict[int, torch.Tensor] = {}
-    counts: dict[int, torch.Tensor] = {}
-    for crop, (index, long_dim, start, size) in enumerate(origins):
-        scores = _window_scores(prediction, crop, window)
-        if index not in sums:
-            sums[index] = scores.new_zeros(scores.shape[0], *size)
-            counts[index] = scores.new_zeros(1, *size)
-        sums[index].narrow(long_dim, start, window).add_(scores)
-        counts[index].narrow(long_dim, start, window).add_(1)
-    return [
-        F.interpolate((sums[i] / counts[i])[None], tuple(image.shape[-2:]), mode="bilinear")[0]
-        for i, image in enumerate(images)
-    ]
+    by_depth = []
+    for prediction in _predictions(model, torch.stack(crops), amp, every_depth):
+        sums: dict[int, torch.Tensor] = {}
+        counts: dict[int, torch.Tensor] = {}
+        for crop, (index, long_dim, start, size) in enumerate(origins):
+            scores = _window_scores(prediction, crop, window)
+            if index not in sums:
+                sums[index] = scores.new_zeros(scores.shape[0], *size)
+                counts[index] = scores.new_zeros(1, *size)
+            sums[index].narrow(long_dim, start, window).add_(scores)
+            counts[index].narrow(long_dim, start, window).add_(1)
+        by_depth.append(
+            [
+                F.interpolate(
+                    (sums[i] / counts[i])[None], tuple(image.shape[-2:]), mode="bilinear"
+                )[0]
+                for i, image in enumerate(images)
+            ]
+        )
+    return by_depth
 
 
 def _window_scores(prediction: dict, crop: int, window: int) -> torch.Tensor:

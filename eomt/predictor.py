@@ -159,7 +159,7 @@ class Predictor:
         """Results for a batch of images (see the class docstring) of any sizes."""
         task = get_task(task or self.cfg.task)
         tensors = [as_image_tensor(image) for image in images]
-        results = infer(self.forward, tensors, self.cfg, self.categories, [task.name])
+        results = infer(self.forward, tensors, self.cfg, self.categories, [task.name])[-1]
         return [task.public(result[task.name], self.categories) for result in results]
 
     @torch.no_grad()

@@ -97,6 +97,20 @@ def _mean_spread(values: list[float]) -> str:
     return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
+def _block_count(runs: list[RunRecord], section: str) -> int:
+    """How many query blocks have their own `section` results (`<section>_block<i>`)."""
+    prefix = f"{section}_block"
+    return max(
+        (
+            int(name[len(prefix) :]) + 1
+            for r in runs
+            for name in r.results
+            if name.startswith(prefix)
+        ),
+        default=0,
+    )
+
+
 def table(runs: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
     """One row per group (the seeds of a run averaged, ± their standard deviation): each
     headline metric, the paper's value beside it, params, GFLOPs and FPS where measured."""
@@ -107,6 +121,13 @@ def table(runs: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
     header = ["Run", "Seeds"]
     for _, _, column in present:
         header += [column, f"{column} paper"]
+    # Per query block, where masked attention was on at evaluation (test.block_metrics).
+    blocks = [
+        (f"{section}_block{i}", key, f"{column} block {i}")
+        for section, key, column in present
+        for i in range(_block_count(runs, section))
+    ]
+    header += [column for _, _, column in blocks]
     header += ["Params (M)", "GFLOPs", "FPS"]
     rows = []
     for group, members in groups.items():
@@ -115,6 +136,10 @@ def table(runs: list[RunRecord]) -> tuple[list[str], list[list[str]]]:
         for section, key, column in present:
             values = [v for r in members if (v := r.metric(section, key)) is not None]
             row += [_mean_spread(values), str(paper.get(column, "-"))]
+        for section, key, _ in blocks:
+            row.append(
+                _mean_spread([v for r in members if (v := r.metric(section, key)) is not None])
+            )
         bench = members[0].benchmark
         params = bench.get("params")
         row += [

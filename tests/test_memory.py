@@ -189,7 +189,7 @@ def test_the_measurement_sees_a_dense_mask_kept_per_image(setup, monkeypatch):
 def test_pq_pool_keeps_at_most_twice_its_workers_in_flight(setup):
     cfg, model, categories, items = setup
     image, target = items[0]
-    seg, segments = infer(model, [image], cfg, categories, ["panoptic"])[0]["panoptic"]
+    seg, segments = infer(model, [image], cfg, categories, ["panoptic"])[-1][0]["panoptic"]
     is_thing = [c["isthing"] for c in categories]
     gt = masks_to_panoptic(target["masks"], target["labels"], target["is_crowd"], is_thing)
     pooled, alone = PanopticEvaluator(categories, workers=1), PanopticEvaluator(categories, 0)
@@ -281,7 +281,7 @@ def test_streamed_json_is_what_json_dump_writes(tmp_path):
 def test_instance_state_is_compact(setup):
     cfg, model, categories, items = setup
     image, target = items[0]
-    result = infer(model, [image], cfg, categories, ["instance"])[0]["instance"]
+    result = infer(model, [image], cfg, categories, ["instance"])[-1][0]["instance"]
     evaluator = InstanceEvaluator(categories)
     evaluator.process(0, target, result)
     (kept,) = evaluator.state()

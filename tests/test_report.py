@@ -10,7 +10,7 @@ from eomt.report import paper_row, read_benchmarks
 from tools import report
 
 
-def make_run(root, name, group, seed, pq, miou, paper=None, curve=True):
+def make_run(root, name, group, seed, pq, miou, paper=None, curve=True, block_pqs=()):
     folder = root / name
     folder.mkdir(parents=True)
     confusion = np.array([[8, 2, 0], [1, 9, 0], [0, 0, 0]]).tolist()
@@ -22,6 +22,8 @@ def make_run(root, name, group, seed, pq, miou, paper=None, curve=True):
             "confusion_matrix": confusion,
         },
     }
+    for block, block_pq in enumerate(block_pqs):  # masked attention at evaluation
+        results[f"panoptic_block{block}"] = {"PQ": block_pq, "SQ": 80.0, "RQ": 70.0}
     (folder / "results.json").write_text(json.dumps(results))
     (folder / "run.json").write_text(
         json.dumps({"name": name, "group": group, "seed": seed, "paper": paper})
@@ -49,7 +51,7 @@ def test_seeds_are_averaged_beside_the_paper_and_every_picture_is_drawn(tmp_path
             60.0 + seed,
             "table4.annealing_no_masking",
         )
-    make_run(runs, "plain", "plain", None, 40.0, 45.0, curve=False)
+    make_run(runs, "plain", "plain", None, 40.0, 45.0, curve=False, block_pqs=(30.0, 35.0))
     bench = tmp_path / "bench.jsonl"
     bench.write_text(
         json.dumps({"run": "annealing", "params": 3.0e6, "gflops": 1.5, "fps": 200.0}) + "\n"
@@ -65,6 +67,8 @@ def test_seeds_are_averaged_beside_the_paper_and_every_picture_is_drawn(tmp_path
     assert rows["annealing"]["mIoU"] == "61.0 ± 1.0" and rows["annealing"]["mIoU paper"] == "-"
     assert (rows["annealing"]["Params (M)"], rows["annealing"]["FPS"]) == ("3.0", "200.0")
     assert rows["plain"]["PQ"] == "40.0" and rows["plain"]["PQ paper"] == "-"
+    assert (rows["plain"]["PQ block 0"], rows["plain"]["PQ block 1"]) == ("30.0", "35.0")
+    assert rows["annealing"]["PQ block 0"] == "-"
     assert "| annealing | 3 | 52.0 ± 2.0 | 56.0 |" in capsys.readouterr().out
     names = {path.name for path in written}
     assert {
@@ -78,6 +82,9 @@ def test_seeds_are_averaged_beside_the_paper_and_every_picture_is_drawn(tmp_path
         assert path.stat().st_size > 100, path
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Without benchmark lines, no run has a speed: no accuracy-against-speed picture.
+    unmeasured = report.main(report.parse_args([str(runs), "--output", str(tmp_path / "bare")]))
+    assert "accuracy_vs_speed.png" not in {path.name for path in unmeasured}
 
 
 def test_paper_rows_and_benchmark_lines_are_checked(tmp_path):

@@ -57,7 +57,7 @@ def test_overfits_a_few_images(tiny_cfg, tmp_path, model):
         f"dataset.root={root}",
         "dataset.test_split=train",  # evaluated on the very images it trained on
         "model.backbone_kwargs={embed_dim: 64, depth: 3, num_heads: 2}",
-        "solver.max_iter=300",
+        "solver.max_iter=150",
         "solver.batch_size=4",
         "solver.batch_size_per_device=4",
         "solver.warmup_iters=[10, 10]",
@@ -81,7 +81,7 @@ def test_overfits_a_few_images(tiny_cfg, tmp_path, model):
     assert results["semantic"]["mIoU"] > 60
     assert set(results) == {"panoptic", "semantic", "instance"}
     # The trainer's checkpoint is enough to predict with.
-    predictor = Predictor.from_checkpoint(f"{cfg.output_dir}/model_0000300.pth")
+    predictor = Predictor.from_checkpoint(f"{cfg.output_dir}/model_0000150.pth")
     image = torch.rand(3, 50, 70)
     segmentation, segments = predictor(image, "panoptic")
     assert segmentation.shape == (50, 70)

@@ -9,7 +9,8 @@ paper's row they name (configs/paper_results.yaml). --benchmark adds tools/bench
 lines (params, GFLOPs, FPS), matched to a group or run by a "run" key added to the line.
 Writes OUTPUT/report.md and report.csv, curves.png (training loss and evaluation metrics),
 confusion_<group>.png and per_class_iou.png (runs with a semantic evaluation) and
-accuracy_vs_speed.png (PQ against FPS, or GFLOPs, with the paper's points); prints the table.
+accuracy_vs_speed.png (PQ against FPS, or GFLOPs, with the paper's points; only with
+--benchmark lines to place the runs); prints the table.
 """
 
 import argparse
@@ -62,7 +63,8 @@ def main(args) -> list[Path]:
         written.append(draw_confusion(first, output / f"confusion_{group}.png"))
     if semantic:
         written.append(draw_per_class(semantic, output / "per_class_iou.png"))
-    if any(run.metric("panoptic", "PQ") is not None for run in runs):
+    measured = [r for r in runs if r.benchmark.get("fps") or r.benchmark.get("gflops")]
+    if any(run.metric("panoptic", "PQ") is not None for run in measured):  # a point to draw
         written.append(draw_accuracy_vs_speed(runs, output / "accuracy_vs_speed.png"))
     (output / "runs.json").write_text(
         json.dumps([{"run": r.name, "group": r.group, "folder": str(r.folder)} for r in runs])

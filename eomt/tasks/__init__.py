@@ -20,11 +20,11 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def infer(model, images: list, cfg, categories: list[dict], tasks) -> list[dict]:
-    """Per image, {task: result} for each task named in `tasks`, with the input geometry of
-    the model's task (`cfg.task`)."""
+def infer(model, images: list, cfg, categories, tasks, every_depth=False) -> list[list[dict]]:
+    """Per depth (see `Task.infer`: the final only unless `every_depth`), per image: {task:
+    result} for each task named in `tasks`, with the input geometry of the model's task."""
     wanted = [get_task(name) for name in tasks]
-    return get_task(cfg.task).infer(model, images, cfg, categories, wanted)
+    return get_task(cfg.task).infer(model, images, cfg, categories, wanted, every_depth)
 
 
 def summary_line(metrics: dict) -> str:

@@ -21,16 +21,25 @@ class Task(ABC):
 
     # -- logits -> results -------------------------------------------------------------------
 
-    def infer(self, model, images: list[torch.Tensor], cfg, categories: list[dict], tasks):
-        """Per image, {task name: result} for each of `tasks`, with the input geometry of a
-        model trained for this task: long side resized and padded, logits restored to each
-        image's size, then each task's post-processing."""
+    def infer(
+        self, model, images: list[torch.Tensor], cfg, categories, tasks, every_depth=False
+    ) -> list[list[dict]]:
+        """Per depth (the final only, or with `every_depth` every prediction the model returns,
+        the final last), per image: {task name: result} for each of `tasks`. The input geometry
+        is that of a model trained for this task: long side resized and padded, logits
+        restored to each image's size, then each task's post-processing."""
         from eomt.inference import predict_logits  # torch: not needed to score files
 
-        logits = predict_logits(model, images, cfg.input.image_size, cfg.solver.amp)
+        size, amp = cfg.input.image_size, cfg.solver.amp
         return [
-            {task.name: task.postprocess(masks, classes, categories, cfg.test) for task in tasks}
-            for masks, classes in logits
+            [
+                {
+                    task.name: task.postprocess(masks, classes, categories, cfg.test)
+                    for task in tasks
+                }
+                for masks, classes in logits
+            ]
+            for logits in predict_logits(model, images, size, amp, every_depth)
         ]
 
     @abstractmethod

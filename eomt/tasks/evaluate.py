@@ -46,12 +46,18 @@ def evaluate(
     model.eval()
     if evaluators is None:
         evaluators = build_evaluators(cfg.test.metrics, categories, cfg.test, output_dir)
+    # With masked attention at evaluation, each query block's masks come from a prediction of
+    # their own: scored too, as the authors log one metric per supervised block.
+    every_depth = cfg.test.block_metrics and getattr(model, "masked_attn_active", False)
+    block_evaluators = [  # per query block, {task: evaluator}; built on every rank alike
+        build_evaluators(list(evaluators), categories, cfg.test)
+        for _ in (model.query_blocks if every_depth else ())
+    ]
     vis_dir = Path(output_dir, "vis") if output_dir and cfg.test.num_vis > 0 else None
     num_drawn = 0
     for images, targets in tqdm(loader, desc="eval", disable=not show, leave=False):
-        for image, target, results in zip(
-            images, targets, infer(model, images, cfg, categories, list(evaluators))
-        ):
+        *blocks, final = infer(model, images, cfg, categories, list(evaluators), every_depth)
+        for i, (image, target, results) in enumerate(zip(images, targets, final)):
             if on_image is not None:
                 on_image(results, target)
             picture = None  # the image as uint8, once, if a task draws it
@@ -59,6 +65,8 @@ def evaluate(
                 task = get_task(name)
                 truth = task.ground_truth(target, categories)
                 task.score(evaluators[name], result, truth, target)
+                for block, block_results in zip(block_evaluators, blocks, strict=True):
+                    task.score(block[name], block_results[i][name], truth, target)
                 if vis_dir is not None and num_drawn < cfg.test.num_vis:
                     picture = to_uint8(image) if picture is None else picture
                     panels = task.evaluation_picture(picture, result, truth, categories)
@@ -66,6 +74,10 @@ def evaluate(
                         _save_picture(vis_dir, picture, target, panels)
                         num_drawn += 1
     metrics = {name: evaluator.evaluate() for name, evaluator in evaluators.items()}
+    for index, block in enumerate(block_evaluators):
+        metrics |= {
+            f"{name}_block{index}": evaluator.evaluate() for name, evaluator in block.items()
+        }
     skipped = [
         m for share in distributed.gather_objects(getattr(loader, "skipped", [])) for m in share
     ]

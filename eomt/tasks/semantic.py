@@ -25,7 +25,7 @@ class SemanticTask(Task):
     folder = "semantic"
     prediction_unit = "distinct labels"
 
-    def infer(self, model, images, cfg, categories, tasks):
+    def infer(self, model, images, cfg, categories, tasks, every_depth=False):
         """A semantic model's geometry: square windows along the long side, semantic only."""
         if [task.name for task in tasks] != [self.name]:
             raise ValueError(
@@ -37,8 +37,8 @@ class SemanticTask(Task):
             raise ValueError(f"semantic inference uses square windows; input.image_size is {size}")
         from eomt.inference import predict_semantic_windows  # torch: see Task.infer
 
-        scores = predict_semantic_windows(model, images, size[0], cfg.solver.amp)
-        return [{self.name: s.argmax(0)} for s in scores]
+        by_depth = predict_semantic_windows(model, images, size[0], cfg.solver.amp, every_depth)
+        return [[{self.name: s.argmax(0)} for s in scores] for scores in by_depth]
 
     def postprocess(self, mask_logits, class_logits, categories, test_cfg):
         from eomt.evaluation.postprocess import semantic_inference  # torch: see Task.infer
