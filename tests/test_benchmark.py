@@ -11,6 +11,7 @@ from torch import nn
 from eomt.benchmark import benchmark, count_flops, count_parameters, crops_per_image
 from eomt.config import get_cfg
 from eomt.modeling import build_model
+from eomt.report import read_benchmarks
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs/synthetic/eomt_tiny_panoptic.yaml"
@@ -171,6 +172,13 @@ def test_cli_prints_one_json_line_per_config(tmp_path, capsys):
     # One more block: more parameters and more FLOPs.
     assert records[1]["params"] > records[0]["params"]
     assert all(r["params_trainable"] == r["params"] for r in records)
+    # Named for tools/report.py --benchmark: one name per config.
+    cli.main(cli.parse_args(["--config-file", *configs, "--no-gflops", "--run", "one", "two"]))
+    lines = tmp_path / "bench.jsonl"
+    lines.write_text(capsys.readouterr().out)
+    named = read_benchmarks([lines])
+    assert list(named) == ["one", "two"]
+    assert [named[n]["params"] for n in ("one", "two")] == [r["params"] for r in records]
 
 
 @pytest.mark.parametrize("name", ["eomt", "pmt", "dense"])
@@ -218,7 +226,12 @@ def test_cli_table_and_cpu_fps(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "argv", [["--config-file", "model.a=1"], ["--config-file", "x.yaml", "--batch-size", "0"]]
+    "argv",
+    [
+        ["--config-file", "model.a=1"],
+        ["--config-file", "x.yaml", "--batch-size", "0"],
+        ["--config-file", "x.yaml", "y.yaml", "--run", "only_one"],
+    ],
 )
 def test_cli_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit):

@@ -6,6 +6,7 @@
     python tools/benchmark.py --config-file CFG --fps --device cuda --compile max-autotune \
         --sdpa-backend cudnn --weights-dtype bf16
     python tools/benchmark.py --config-file CFG model.masked_attn=always   # EoMT w/ masking
+    python tools/benchmark.py --config-file CFG --fps --run masking_masking >> bench.jsonl
 
 One JSON line per config (or, with --table, one markdown table). GFLOPs: fvcore's count of the
 inference forward at batch 1 (see eomt/benchmark.py); semantic configs count every window of a
@@ -47,6 +48,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--table", action="store_true", help="print a markdown table instead")
     parser.add_argument(
+        "--run",
+        nargs="+",
+        help="one name per config, written as the line's 'run' key (the run or sweep group "
+        "tools/report.py --benchmark matches the line to)",
+    )
+    parser.add_argument(
         "overrides", nargs="*", help="config overrides for every config: key=value (anywhere)"
     )
     args = parser.parse_args(argv)
@@ -55,6 +62,8 @@ def parse_args(argv=None):
     args.config_file = [item for item in args.config_file if "=" not in item]
     if not args.config_file:
         parser.error("--config-file: no config file given, only key=value overrides")
+    if args.run and len(args.run) != len(args.config_file):
+        parser.error(f"--run: {len(args.run)} names for {len(args.config_file)} configs")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     return args
@@ -76,9 +85,10 @@ def markdown_table(records: list[dict]) -> str:
 
 def main(args) -> None:
     records = []
-    for config_file in args.config_file:
+    for index, config_file in enumerate(args.config_file):
         cfg = get_cfg(config_file, args.overrides)
-        record = {"config": config_file}
+        record = {"run": args.run[index]} if args.run else {}
+        record["config"] = config_file
         if args.overrides:
             record["overrides"] = args.overrides
         record.update(
