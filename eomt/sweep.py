@@ -41,15 +41,22 @@ class Run:
     group: str = ""  # the name without its seed: runs of one group are averaged by the report
 
     def command(self, python: str, resume: bool = False, num_gpus: int = 1) -> list[str]:
-        """The tools/train_net.py command line of this run."""
+        """The tools/train_net.py command line of this run; on several GPUs, under torchrun
+        (one process per GPU of this node)."""
         command = [python, "tools/train_net.py", "--config-file", self.config]
+        if num_gpus > 1:
+            torchrun = [
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={num_gpus}",
+            ]
+            command[1:1] = torchrun
         if self.evaluates is not None:
             weights = final_checkpoint(self.evaluates.output_dir)
             command += ["--eval-only", *self.overrides, f"model.weights={weights}"]
         else:
             command += ["--resume"] * resume + list(self.overrides)
-        if num_gpus > 1:
-            command += ["--num-gpus", str(num_gpus)]
         return [*command, f"output_dir={self.output_dir}"]
 
 

@@ -60,6 +60,18 @@ product:
     assert f"model.weights={by_name['a-seed1'].output_dir / 'model_0000005.pth'}" in command
     assert command[-1] == f"output_dir={evaluation.output_dir}"
     assert by_name["a-seed0"].command("python", resume=True)[4] == "--resume"
+    # Several GPUs: one process each, started by torchrun.
+    assert by_name["a-seed0"].command("python", resume=True, num_gpus=4)[:9] == [
+        "python",
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=4",
+        "tools/train_net.py",
+        "--config-file",
+        "base.yaml",
+        "--resume",
+    ]
 
 
 @pytest.mark.parametrize(

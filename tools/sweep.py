@@ -3,7 +3,7 @@
     python tools/sweep.py configs/sweeps/table4_annealing_synthetic.yaml --dry-run
     python tools/sweep.py SWEEP.yaml                      # one run after another, here
     python tools/sweep.py SWEEP.yaml --gpus 4             # 4 runs at a time, one GPU each
-    python tools/sweep.py SWEEP.yaml --gpus-per-run 8     # each run on 8 local GPUs (DDP)
+    python tools/sweep.py SWEEP.yaml --gpus-per-run 8     # each run on 8 GPUs (DDP, torchrun)
     python tools/sweep.py SWEEP.yaml --slurm --partition gpu --gpus-per-run 4   # submitit
 
 Each run writes into <output>/<sweep name>/<run>/ and its output to log.txt there. A run with
@@ -35,7 +35,9 @@ def parse_args(argv=None):
     parser.add_argument("--only", nargs="+", help="run only these runs (names or groups)")
     parser.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     parser.add_argument("--gpus", type=int, default=0, help="local GPUs: that many runs at once")
-    parser.add_argument("--gpus-per-run", type=int, default=1, help="DDP processes per run")
+    parser.add_argument(
+        "--gpus-per-run", type=int, default=1, help="DDP processes per run (started by torchrun)"
+    )
     parser.add_argument("--slurm", action="store_true", help="submit each run with submitit")
     parser.add_argument("--partition", default="", help="SLURM partition")
     parser.add_argument("--time-min", type=int, default=24 * 60, help="SLURM time limit")
@@ -51,7 +53,7 @@ def slurm_executor(args, folder: Path):
     executor.update_parameters(
         slurm_partition=args.partition or None,
         gpus_per_node=args.gpus_per_run,
-        tasks_per_node=1,  # train_net --num-gpus starts the processes of the node
+        tasks_per_node=1,  # torchrun starts the processes of the node
         cpus_per_task=8 * args.gpus_per_run,
         timeout_min=args.time_min,
     )
