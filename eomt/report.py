@@ -181,19 +181,35 @@ def _group_colors(runs: list[RunRecord]) -> dict[str, str]:
     return {group: f"C{index % 10}" for index, group in enumerate(groups)}
 
 
+def per_prediction_loss(record: dict) -> float:
+    """A logged loss divided by the number of predictions it sums (`loss_class_<i>` keys):
+    masked attention supervises one prediction per query block besides the final one, so
+    runs with and without it compare on this, not on the sum."""
+    predictions = sum(key.startswith("loss_class_") for key in record) or 1
+    return record["loss"] / predictions
+
+
 def draw_curves(runs: list[RunRecord], path: Path) -> Path:
-    """The training loss and the evaluation metrics against iterations, every run on shared
-    axes (one colour per group: the seeds of a run share it)."""
+    """The training loss per supervised prediction and the evaluation metrics against
+    iterations, every run on shared axes (one colour per group: the seeds of a run share it)."""
     plt = _pyplot()
     colors = _group_colors(runs)
     figure, (loss_axes, metric_axes) = plt.subplots(1, 2, figsize=(11, 4))
-    labelled = set()
+    labelled = {"loss": set(), "metric": set()}
+
+    def label(axes: str, group: str) -> str | None:
+        first = group not in labelled[axes]
+        labelled[axes].add(group)
+        return group if first else None
+
     for run in runs:
-        label = None if run.group in labelled else run.group
-        labelled.add(run.group)
-        losses = [(r["iteration"], r["loss"]) for r in run.curve if r.get("loss") is not None]
+        losses = [
+            (r["iteration"], per_prediction_loss(r)) for r in run.curve if r.get("loss") is not None
+        ]
         if losses:
-            loss_axes.plot(*zip(*losses), color=colors[run.group], alpha=0.8, label=label)
+            loss_axes.plot(
+                *zip(*losses), color=colors[run.group], alpha=0.8, label=label("loss", run.group)
+            )
         for section, key, _ in METRICS:
             points = [
                 (r["iteration"], r[f"{section}/{key}"])
@@ -202,10 +218,16 @@ def draw_curves(runs: list[RunRecord], path: Path) -> Path:
             ]
             if points:
                 style = {"PQ": "o-", "mIoU": "s--", "AP": "^:"}[key]
-                metric_axes.plot(*zip(*points), style, color=colors[run.group])
-    loss_axes.set(xlabel="iteration", ylabel="training loss", yscale="log", title="loss")
-    loss_axes.legend(fontsize=8)
+                metric_axes.plot(
+                    *zip(*points), style, color=colors[run.group], label=label("metric", run.group)
+                )
+    loss_axes.set(
+        xlabel="iteration", ylabel="loss per supervised prediction", yscale="log", title="loss"
+    )
     metric_axes.set(xlabel="iteration", ylabel="%", title="evaluation (o PQ, s mIoU, ^ AP)")
+    for axes in (loss_axes, metric_axes):
+        if axes.get_legend_handles_labels()[1]:
+            axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -277,32 +299,45 @@ def draw_per_class(runs: list[RunRecord], path: Path) -> Path:
     return path
 
 
+def speed_points(runs: list[RunRecord], metric: str = "PQ") -> tuple[str, list, list]:
+    """The points of `draw_accuracy_vs_speed`: the speed key ("fps", or "gflops" where no FPS
+    was measured), ours as (group, speed, mean metric) and the paper's as (group, speed,
+    metric). The paper's FPS are GPU figures: none of them beside FPS measured on a CPU."""
+    section = {"PQ": "panoptic", "mIoU": "semantic", "AP": "instance"}[metric]
+    speed_key = "fps" if any(r.benchmark.get("fps") for r in runs) else "gflops"
+    on_cpu = speed_key == "fps" and any(r.benchmark.get("device") == "cpu" for r in runs)
+    groups: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    ours, paper_points = [], []
+    for group, members in groups.items():
+        paper = members[0].paper
+        if not on_cpu and metric in paper and speed_key in paper:
+            paper_points.append((group, paper[speed_key], paper[metric]))
+        values = [v for r in members if (v := r.metric(section, metric)) is not None]
+        speed = members[0].benchmark.get(speed_key)
+        if values and speed:
+            ours.append((group, speed, statistics.fmean(values)))
+    return ("fps (CPU)" if on_cpu else speed_key), ours, paper_points
+
+
 def draw_accuracy_vs_speed(runs: list[RunRecord], path: Path, metric: str = "PQ") -> Path:
     """`metric` against FPS (or GFLOPs where no FPS was measured): the paper's points beside
     ours (the paper's Figure 1)."""
     plt = _pyplot()
-    section = {"PQ": "panoptic", "mIoU": "semantic", "AP": "instance"}[metric]
+    speed_key, ours, paper_points = speed_points(runs, metric)
     figure, axes = plt.subplots(figsize=(6, 4.5))
-    speed_key = "fps" if any(r.benchmark.get("fps") for r in runs) else "gflops"
-    groups: dict[str, list[RunRecord]] = {}
-    for run in runs:
-        groups.setdefault(run.group, []).append(run)
-    for group, members in groups.items():
-        paper = members[0].paper
-        if metric in paper and speed_key in paper:
-            axes.scatter(
-                paper[speed_key], paper[metric], marker="s", facecolors="none", edgecolors="gray"
-            )
-            axes.annotate(f"{group} (paper)", (paper[speed_key], paper[metric]), fontsize=7)
-        values = [v for r in members if (v := r.metric(section, metric)) is not None]
-        speed = members[0].benchmark.get(speed_key)
-        if values and speed:
-            axes.scatter(speed, statistics.fmean(values), marker="o")
-            axes.annotate(group, (speed, statistics.fmean(values)), fontsize=7)
+    for group, speed, value in paper_points:
+        axes.scatter(speed, value, marker="s", facecolors="none", edgecolors="gray")
+        axes.annotate(f"{group} (paper)", (speed, value), fontsize=7)
+    for group, speed, value in ours:
+        axes.scatter(speed, value, marker="o")
+        axes.annotate(group, (speed, value), fontsize=7)
+    paper = "the paper's (squares)" if paper_points else "no paper point on these axes"
     axes.set(
-        xlabel=speed_key.upper() if speed_key == "fps" else "GFLOPs",
+        xlabel={"fps": "FPS", "fps (CPU)": "FPS (CPU)", "gflops": "GFLOPs"}[speed_key],
         ylabel=metric,
-        title=f"{metric} against {speed_key}: ours (dots), the paper's (squares)",
+        title=f"{metric} against {speed_key}: ours (dots), {paper}",
     )
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -6,7 +6,14 @@ import json
 import numpy as np
 import pytest
 
-from eomt.report import paper_row, read_benchmarks
+from eomt.report import (
+    find_runs,
+    paper_row,
+    per_prediction_loss,
+    read_benchmarks,
+    read_run,
+    speed_points,
+)
 from tools import report
 
 
@@ -82,6 +89,17 @@ def test_seeds_are_averaged_beside_the_paper_and_every_picture_is_drawn(tmp_path
         assert path.stat().st_size > 100, path
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The paper's point (Table 4, annealing: 128 FPS on a GPU) beside ours; none beside CPU FPS.
+    records = [read_run(folder) for folder in find_runs([runs])]
+    for record in records:
+        record.benchmark = {"fps": 200.0} if record.group == "annealing" else {}
+    assert speed_points(records) == (
+        "fps",
+        [("annealing", 200.0, 52.0)],
+        [("annealing", 128, 56.0)],
+    )
+    records[0].benchmark["device"] = "cpu"
+    assert speed_points(records) == ("fps (CPU)", [("annealing", 200.0, 52.0)], [])
     # Without benchmark lines, no run has a speed: no accuracy-against-speed picture.
     unmeasured = report.main(report.parse_args([str(runs), "--output", str(tmp_path / "bare")]))
     assert "accuracy_vs_speed.png" not in {path.name for path in unmeasured}
@@ -98,3 +116,10 @@ def test_paper_rows_and_benchmark_lines_are_checked(tmp_path):
         read_benchmarks([lines])
     with pytest.raises(FileNotFoundError, match="no results.json"):
         report.main(report.parse_args([str(tmp_path), "--output", str(tmp_path / "r")]))
+
+
+def test_the_loss_curve_divides_by_the_supervised_predictions():
+    masked = {"loss": 30.0, "loss_class_0": 1.0, "loss_class_1": 1.0, "loss_class_2": 1.0}
+    assert per_prediction_loss(masked) == 10.0  # three predictions: two query blocks + final
+    assert per_prediction_loss({"loss": 8.0, "loss_class_0": 1.0}) == 8.0
+    assert per_prediction_loss({"loss": 8.0}) == 8.0  # no per-prediction terms logged
