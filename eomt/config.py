@@ -166,9 +166,9 @@ def _load_file(path: Path, valid: dict, seen: tuple = ()) -> dict:
 def _assign(values: dict, key: str, value, valid: dict, source: str) -> None:
     """values[key] = value, checked; `a.b=v` under a free-form dict key `a` sets its item b."""
     key = MOVED_KEYS.get(key, key)
-    parent = key.rpartition(".")[0]
+    parent, _, item = key.rpartition(".")
     if parent in FREE_FORM_KEYS:
-        values[parent] = {**values.get(parent, valid[parent]), key.rpartition(".")[2]: value}
+        values[parent] = {**values.get(parent, valid[parent]), item: value}
         return
     _check_key(key, valid, source)
     values[key] = _coerce(key, value, valid[key], source)

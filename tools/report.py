@@ -26,6 +26,7 @@ from eomt.report import (
     markdown,
     read_benchmarks,
     read_run,
+    speed_points,
     table,
     write_csv,
 )
@@ -63,8 +64,7 @@ def main(args) -> list[Path]:
         written.append(draw_confusion(first, output / f"confusion_{group}.png"))
     if semantic:
         written.append(draw_per_class(semantic, output / "per_class_iou.png"))
-    measured = [r for r in runs if r.benchmark.get("fps") or r.benchmark.get("gflops")]
-    if any(run.metric("panoptic", "PQ") is not None for run in measured):  # a point to draw
+    if speed_points(runs)[1]:  # a run of ours with PQ and a measured speed to place
         written.append(draw_accuracy_vs_speed(runs, output / "accuracy_vs_speed.png"))
     (output / "runs.json").write_text(
         json.dumps([{"run": r.name, "group": r.group, "folder": str(r.folder)} for r in runs])

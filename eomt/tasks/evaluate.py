@@ -51,7 +51,7 @@ def evaluate(
     every_depth = cfg.test.block_metrics and getattr(model, "masked_attn_active", False)
     block_evaluators = [  # per query block, {task: evaluator}; built on every rank alike
         build_evaluators(list(evaluators), categories, cfg.test)
-        for _ in (model.query_blocks if every_depth else ())
+        for _ in range(model.num_query_blocks if every_depth else 0)
     ]
     vis_dir = Path(output_dir, "vis") if output_dir and cfg.test.num_vis > 0 else None
     num_drawn = 0
