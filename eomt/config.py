@@ -33,6 +33,7 @@ MINIMUM = {
     "model.num_queries": 1,
     "model.num_query_blocks": 1,
     "model.frozen_blocks": -1,
+    "pmt.num_blocks": 1,
     "pmt.taps": 0,
     "pmt.mlp_dim": 0,
     "dense.taps": 0,

@@ -32,14 +32,15 @@ class MaskAnnealing:
         self.starts, self.ends, self.power = list(starts), list(ends), power
 
     @classmethod
-    def from_cfg(cls, cfg) -> "MaskAnnealing":
-        s, blocks = cfg.solver, cfg.model.num_query_blocks
+    def from_cfg(cls, cfg, blocks: int) -> "MaskAnnealing":
+        """The schedule of `solver.anneal_*` for a model of `blocks` masked query blocks."""
+        s = cfg.solver
         if len(s.anneal_start) or len(s.anneal_end):
             starts, ends = list(s.anneal_start), list(s.anneal_end)
             if len(starts) != blocks:
                 raise ValueError(
-                    f"solver.anneal_start has {len(starts)} entries, "
-                    f"model.num_query_blocks is {blocks}"
+                    f"solver.anneal_start has {len(starts)} entries for a model of {blocks} "
+                    "query blocks (model.num_query_blocks; PMT: pmt.num_blocks)"
                 )
         else:
             starts, ends = default_anneal_steps(s.max_iter, blocks)

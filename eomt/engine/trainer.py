@@ -6,6 +6,10 @@ steps: every micro-batch draws its random numbers (point sampling, masked-attent
 from a seed of its own place in the data stream, and the mask losses of all micro-batches are
 normalised by the step's mean number of target masks. A run therefore resumes exactly, with any
 number of processes, from nothing but the model, optimizer, schedule and iteration.
+
+BatchNorm (PMT's taps, the dense heads) is the exception: its statistics cover one micro-batch
+of every process (synchronised over processes as the authors do), so with accumulation they
+cover fewer images than the step; the run says so at its start.
 """
 
 import json
@@ -34,10 +38,18 @@ from eomt.engine.checkpoint import (
 )
 from eomt.engine.solver import build_lr_scheduler, build_optimizer
 from eomt.inference import amp_on, autocast_for
-from eomt.modeling import build_criterion, build_model, count_trainable
+from eomt.modeling import build_backbone, build_criterion, build_model, count_trainable
+from eomt.modeling.batch_norm import sync_batch_norms
 from eomt.tasks import summary_line
 from eomt.tasks.evaluate import evaluate
-from eomt.weights import describe_mismatch, key_group, load_checkpoint, load_state
+from eomt.weights import (
+    describe_mismatch,
+    holds_decoder_only,
+    key_group,
+    load_state,
+    load_weights,
+    with_encoder,
+)
 from eomt.weights.files import read_checkpoint
 
 RANDOM_WEIGHTS = "random"  # model.weights: no checkpoint, on purpose
@@ -112,7 +124,9 @@ class Trainer:
         )
         # Dense heads have no masked attention to anneal, whatever model.masked_attn says.
         anneals = getattr(self.model, "masked_attn", None) == "anneal"
-        self.annealing = MaskAnnealing.from_cfg(cfg) if anneals else None
+        self.annealing = (
+            MaskAnnealing.from_cfg(cfg, self.model.num_query_blocks) if anneals else None
+        )
         self.amp = amp_on(self.device, s.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp == "fp16")
         self.categories = self.test_set.categories  # saved with the weights
@@ -152,8 +166,21 @@ class Trainer:
 
     def _load_weights(self, path: str, strict: bool) -> None:
         """model.weights: all of it, or with weights_strict false what matches, said so; a file
-        that shares none of the backbone's blocks with the model is not its checkpoint."""
-        report = load_checkpoint(self.model, path, strict)
+        that shares none of the backbone's blocks with the model is not its checkpoint. PMT's
+        decoder-only files (the authors' release) take the encoder's pretrained weights, from
+        model.backbone_weights or the hub (model.pretrained), as the authors' code does."""
+        state = load_weights(path, backbone=self.model.backbone)
+        if holds_decoder_only(state):
+            m = self.cfg.model
+            if not (m.backbone_weights or m.pretrained):
+                raise ConfigError(
+                    f"model.weights {path}: holds PMT's decoder only; its encoder's pretrained "
+                    "weights come from model.backbone_weights=FILE or model.pretrained=true, "
+                    "and both are off"
+                )
+            encoder = build_backbone(self.cfg).state_dict()
+            state = with_encoder(state, encoder, self.model.backbone)
+        report = load_state(self.model, state, strict, str(path))
         if strict:
             return
         own = self.model.state_dict()
@@ -287,7 +314,9 @@ class Trainer:
         world = dist.world_size()
         accumulation = accumulation_steps(cfg, world)
         model = self.model
+        self._check_batch_norm_statistics(accumulation, world)
         if world > 1:
+            sync_batch_norms(self.model)
             # The depthwise convs' weight gradients differ from DDP's buckets only in the stride
             # of a size-1 dimension; the warning it prints for that is noise.
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view")
@@ -329,7 +358,7 @@ class Trainer:
         while self.iteration < s.max_iter:
             if self.annealing is not None:
                 probs = self.annealing.probs(self.iteration)
-                self.model.attn_mask_probs.copy_(torch.tensor(probs))
+                self.model.set_attn_mask_probs(probs)
             losses = self._step(forward, model, loader, accumulation)
             self.iteration += 1
             progress.update(1)
@@ -346,7 +375,7 @@ class Trainer:
                     **losses,
                 }
                 if self.annealing is not None:
-                    record["attn_mask_probs"] = self.model.attn_mask_probs.tolist()
+                    record["attn_mask_probs"] = probs  # those of the step just taken
                 if self.skipped_steps:
                     record["skipped_steps"] = self.skipped_steps
                 if skipped_samples := dist.sum_over_processes(
@@ -365,6 +394,23 @@ class Trainer:
             wandb_run.finish()
         self._close_tensorboard()
         return results
+
+    def _check_batch_norm_statistics(self, accumulation: int, world: int) -> None:
+        """With accumulation, a model that normalises with batch statistics sees fewer images
+        at once than the step holds: said, with the setting that avoids it."""
+        uses_batch_norm = any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()
+        )
+        if accumulation == 1 or not uses_batch_norm or not dist.is_main():
+            return
+        s = self.cfg.solver
+        warnings.warn(
+            f"BatchNorm statistics cover {s.batch_size_per_device} images x {world} "
+            f"process(es), not the step's {s.batch_size} (accumulated {accumulation} times): "
+            f"solver.batch_size_per_device={s.batch_size // world} makes them the step's, as "
+            "the authors' 4 GPUs x 4 images do",
+            stacklevel=2,
+        )
 
     def _evaluates_at(self, iteration: int) -> bool:
         period = self.cfg.test.eval_period

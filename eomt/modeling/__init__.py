@@ -1,23 +1,43 @@
 from torch import nn
 
-from eomt.modeling.backbone import build_vit, default_taps, embed_tokens, freeze_blocks
+from eomt.modeling.backbone import (
+    build_vit,
+    default_taps,
+    embed_tokens,
+    freeze_blocks,
+    tap_blocks,
+)
 from eomt.modeling.criterion import MaskClassificationLoss
 from eomt.modeling.dense_heads import DENSE_HEADS, DenseSegmenter, PixelCrossEntropy
 from eomt.modeling.eomt import EoMT
 from eomt.modeling.mask2former import Mask2Former
+from eomt.modeling.pmt import PMT
 
 MODEL_NAMES = ("eomt", "m2f", "pmt", "dense")
 
 
 def build_model(cfg, backbone_weights: bool = True) -> nn.Module:
     """The model a config describes (`model.name`: "eomt"; "m2f" for Mask2Former and the
-    ladder between it and EoMT, set by the `m2f` keys; "pmt" for EoMT's decoder on a frozen
-    encoder, set by the `pmt` keys; "dense" for a per-pixel head, set by the `dense` keys),
-    with the backbone's pretrained weights if asked (`backbone_weights=False` skips them, when
-    a full checkpoint is loaded next) and its first `model.frozen_blocks` blocks frozen."""
-    model = _build(cfg, backbone_weights)
-    freeze_blocks(model.backbone, cfg.model.frozen_blocks)
-    return model
+    ladder between it and EoMT, set by the `m2f` keys; "pmt" for PMT, new blocks on a frozen
+    encoder's taps, set by the `pmt` keys; "dense" for a per-pixel head, set by the `dense`
+    keys), with the backbone's pretrained weights if asked (`backbone_weights=False` skips
+    them, when a full checkpoint is loaded next) and its first `model.frozen_blocks` blocks
+    frozen."""
+    return _build(cfg, backbone_weights)
+
+
+def build_backbone(cfg, pretrained: bool = True) -> nn.Module:
+    """The config's timm ViT, with its pretrained weights (`model.backbone_weights` or, with
+    `model.pretrained`, the hub's) if `pretrained`."""
+    m = cfg.model
+    return build_vit(
+        m.backbone,
+        img_size=tuple(cfg.input.image_size),
+        patch_size=m.patch_size,
+        pretrained=m.pretrained and pretrained,
+        weights=m.backbone_weights if pretrained else "",
+        **m.backbone_kwargs,
+    )
 
 
 def count_trainable(model: nn.Module) -> tuple[int, int]:
@@ -45,14 +65,9 @@ def _build(cfg, backbone_weights: bool) -> nn.Module:
             "model.name 'dense' predicts a class per pixel: it needs task semantic and "
             f"test.metrics [semantic] (got task {cfg.task}, test.metrics {list(cfg.test.metrics)})"
         )
-    backbone = build_vit(
-        m.backbone,
-        img_size=tuple(cfg.input.image_size),
-        patch_size=m.patch_size,
-        pretrained=m.pretrained and backbone_weights,
-        weights=m.backbone_weights if backbone_weights else "",
-        **m.backbone_kwargs,
-    )
+    backbone = build_backbone(cfg, backbone_weights)
+    # Before the model is built: PMT and the dense heads then freeze the blocks they never run.
+    freeze_blocks(backbone, m.frozen_blocks)
     if m.name == "m2f":
         c = cfg.m2f
         return Mask2Former(
@@ -83,15 +98,23 @@ def _build(cfg, backbone_weights: bool) -> nn.Module:
             channels=d.channels or None,
             stem=d.stem,
         )
-    pmt = m.name == "pmt"
+    if m.name == "pmt":
+        p = cfg.pmt
+        return PMT(
+            backbone,
+            num_classes=m.num_classes,
+            num_queries=m.num_queries,
+            num_blocks=p.num_blocks,
+            taps=list(p.taps) or None,
+            mlp_dim=p.mlp_dim or None,
+            masked_attn=m.masked_attn,
+        )
     return EoMT(
         backbone,
         num_classes=m.num_classes,
         num_queries=m.num_queries,
         num_query_blocks=m.num_query_blocks,
         masked_attn=m.masked_attn,
-        taps=(list(cfg.pmt.taps) or default_taps(len(backbone.blocks))) if pmt else None,
-        decoder_mlp_dim=(cfg.pmt.mlp_dim or None) if pmt else None,
     )
 
 
@@ -118,7 +141,9 @@ __all__ = [
     "DenseSegmenter",
     "EoMT",
     "Mask2Former",
+    "PMT",
     "PixelCrossEntropy",
+    "build_backbone",
     "build_criterion",
     "build_model",
     "build_vit",
@@ -126,4 +151,5 @@ __all__ = [
     "default_taps",
     "embed_tokens",
     "freeze_blocks",
+    "tap_blocks",
 ]

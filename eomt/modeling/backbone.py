@@ -1,5 +1,6 @@
 """Plain ViT backbones from timm, and the token embedding EoMT runs before the blocks."""
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import timm
@@ -55,6 +56,24 @@ def embed_tokens(vit: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, to
     out = vit._pos_embed(x)
     x, rope = out if isinstance(out, tuple) else (out, None)
     return vit.norm_pre(x), rope
+
+
+def tap_blocks(
+    vit: nn.Module, images: torch.Tensor, taps: list[int]
+) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Normalised images -> (the tokens after each block of `taps`, increasing, each through
+    the ViT's final norm, as DINOv2's and DPT's readers take them; the rotary embedding or
+    None). Blocks after the last tap are not run; a frozen ViT runs without autograd."""
+    frozen = not any(p.requires_grad for p in vit.parameters())
+    with torch.no_grad() if frozen else nullcontext():
+        x, rope = embed_tokens(vit, images)
+        block_kwargs = {} if rope is None else {"rope": rope}
+        features = []
+        for i, block in enumerate(vit.blocks[: taps[-1] + 1]):
+            x = block(x, **block_kwargs)
+            if i in taps:
+                features.append(vit.norm(x))
+    return features, rope
 
 
 def default_taps(num_blocks: int) -> list[int]:

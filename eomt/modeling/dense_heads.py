@@ -16,13 +16,12 @@ The prefix tokens (class, registers) are dropped, as DPT's "ignore" readout does
 """
 
 import math
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from eomt.modeling.backbone import default_taps, embed_tokens
+from eomt.modeling.backbone import default_taps, tap_blocks
 from eomt.modeling.criterion import check_targets
 from eomt.modeling.eomt import IMAGENET_MEAN, IMAGENET_STD
 
@@ -83,18 +82,22 @@ class LinearHead(nn.Module):
 
 class MLPHead(nn.Module):
     """SegFormer's all-MLP decoder. A plain ViT has one resolution, so the taps first become a
-    pyramid at 1/4, 1/8, 1/16, 1/32 (shallowest finest; transposed conv / identity / max-pool as
-    ViTDet's simple pyramid); then per level a linear projection to `channels`, upsampling to
-    1/4, concatenation, a 1x1 fuse conv with BN and GELU, dropout and a 1x1 classifier."""
+    pyramid at 1/4, 1/8, 1/16, 1/32 (shallowest finest; ViTDet's simple pyramid); then per level
+    a linear projection to `channels`, upsampling to 1/4, concatenation, a 1x1 fuse conv with BN
+    and GELU, dropout and a 1x1 classifier. Where the pyramid's step is linear (transposed conv
+    up, identity) the projection is folded into it: one map from the tokens to `channels` per
+    level; the 1/32 level max-pools the tokens, then projects them."""
 
     def __init__(self, dim: int, patch_size: int, num_taps: int, channels: int, num_classes: int):
         super().__init__()
-        strides = PYRAMID_STRIDES[:num_taps]
-        widths = [level_width(dim, patch_size, s) for s in strides]
-        self.pyramid = nn.ModuleList(
-            resample(dim, w, patch_size, s, down="pool") for w, s in zip(widths, strides)
+        self.levels = nn.ModuleList(
+            resample(dim, channels, patch_size, stride)
+            if stride <= patch_size
+            else nn.Sequential(
+                resample(dim, dim, patch_size, stride, down="pool"), nn.Conv2d(dim, channels, 1)
+            )
+            for stride in PYRAMID_STRIDES[:num_taps]
         )
-        self.project = nn.ModuleList(nn.Conv2d(w, channels, 1) for w in widths)
         self.fuse = nn.Sequential(
             nn.Conv2d(channels * num_taps, channels, 1, bias=False),
             nn.BatchNorm2d(channels),
@@ -105,10 +108,7 @@ class MLPHead(nn.Module):
 
     def forward(self, features: list[Tensor], images: Tensor) -> Tensor:
         size = (images.shape[-2] // 4, images.shape[-1] // 4)
-        levels = [
-            upsample(project(pyramid(f)), size)
-            for f, pyramid, project in zip(features, self.pyramid, self.project)
-        ]
+        levels = [upsample(level(f), size) for f, level in zip(features, self.levels)]
         return self.classifier(self.dropout(self.fuse(torch.cat(levels, dim=1))))
 
 
@@ -243,10 +243,10 @@ class DenseSegmenter(nn.Module):
         backbone: a timm ViT (`blocks`, `norm`, `patch_embed`, `_pos_embed`, `num_prefix_tokens`).
         num_classes: C, the logits per pixel (no "no object" class).
         head: one of `DENSE_HEADS`.
-        taps: the blocks whose patch tokens the head reads, strictly increasing (the last one
-            goes through the backbone's final norm; blocks after it are not run). Default: the
-            last block for `linear`, `default_taps(depth)` for the others (`mlp` and `dpt` take
-            at most 4, one per level 1/4 .. 1/32).
+        taps: the blocks whose patch tokens the head reads, strictly increasing, each through
+            the backbone's final norm as PMT reads them (blocks after the last are not run and
+            do not train). Default: the last block for `linear`, `default_taps(depth)` for the
+            others (`mlp` and `dpt` take at most 4, one per level 1/4 .. 1/32).
         channels: the decoder's width: `mlp` and `dpt` min(256, D); `unet` the width at
             1/patch, halved per x2 stage (default min(256, D): [256, 128, 64] for patch 16), or
             a list of one width per stage, coarse to fine. `linear` has none.
@@ -290,8 +290,9 @@ class DenseSegmenter(nn.Module):
 
         self.backbone = backbone
         self.num_classes = num_classes
-        self.head_name = head
         self.taps = taps
+        for block in backbone.blocks[taps[-1] + 1 :]:
+            block.requires_grad_(False)
         self.patch_size = patch_size
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
@@ -324,18 +325,10 @@ class DenseSegmenter(nn.Module):
         """Images (B, 3, H, W) in [0, 1] -> [{"semantic_logits": (B, C, H/4, W/4)}], a list like
         EoMT's predictions (with one entry)."""
         images = (images - self.pixel_mean) / self.pixel_std
-        x, rope = embed_tokens(self.backbone, images)
-        block_kwargs = {} if rope is None else {"rope": rope}
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
-        features = []
-        frozen = not any(p.requires_grad for p in self.backbone.parameters())
-        with torch.no_grad() if frozen else nullcontext():  # a frozen encoder needs no autograd
-            for i, block in enumerate(self.backbone.blocks[: self.taps[-1] + 1]):
-                x = block(x, **block_kwargs)
-                if i in self.taps:
-                    tokens = self.backbone.norm(x) if i == self.taps[-1] else x
-                    patches = tokens[:, self.backbone.num_prefix_tokens :]
-                    features.append(patches.transpose(1, 2).reshape(x.shape[0], -1, h, w))
+        tokens, _ = tap_blocks(self.backbone, images, self.taps)
+        prefix = self.backbone.num_prefix_tokens
+        features = [t[:, prefix:].transpose(1, 2).reshape(t.shape[0], -1, h, w) for t in tokens]
         return [{"semantic_logits": self.head(features, images)}]
 
 

@@ -5,19 +5,23 @@ inferred from weights (`architecture`)."""
 from eomt.weights.load import (
     describe_mismatch,
     from_checkpoint,
+    holds_decoder_only,
     key_group,
     load_checkpoint,
     load_model,
     load_state,
     load_weights,
+    with_encoder,
 )
 
 __all__ = [
     "describe_mismatch",
     "from_checkpoint",
+    "holds_decoder_only",
     "key_group",
     "load_checkpoint",
     "load_model",
     "load_state",
     "load_weights",
+    "with_encoder",
 ]

@@ -7,8 +7,9 @@ from omegaconf import DictConfig
 
 from eomt.config import cfg_from_dict, get_cfg
 from eomt.data.categories import generic_categories
+from eomt.modeling.backbone import default_taps
 from eomt.weights.files import StoredWeights
-from eomt.weights.layouts import is_eva, split_blocks, strip_prefix, vit_mlp_is_gated
+from eomt.weights.layouts import is_eva, is_pmt, split_blocks, strip_prefix, vit_mlp_is_gated
 
 # timm backbones of the released models: width (and gated MLP for DINOv3) -> name, depth.
 DINOV2_BACKBONES = {
@@ -139,6 +140,28 @@ def infer_config(
         "dataset.name": dataset,
         "test.metrics": [task],
     }
-    if "attn_mask_probs" in state:
+    if is_pmt(state):
+        config.update(pmt_config(state, depth))
+    elif "attn_mask_probs" in state:
         config["model.num_query_blocks"] = state["attn_mask_probs"].shape[0]
     return config
+
+
+def pmt_config(state: dict, depth: int) -> dict:
+    """PMT's keys: its new blocks, their MLP width and the taps, on a frozen encoder. The taps'
+    indices are not in the weights: 4 taps are read as the authors' (4 evenly spaced blocks, the
+    last included, as every one of their configs)."""
+    num_taps = len(split_blocks(state, "tap_norms."))
+    taps = default_taps(depth)
+    if num_taps != len(taps):
+        raise ValueError(
+            f"PMT weights with {num_taps} taps on a {depth}-block encoder: which blocks they "
+            "tap is not in the weights (4 taps are read as the authors' evenly spaced ones)"
+        )
+    return {
+        "model.name": "pmt",
+        "model.frozen_blocks": -1,
+        "pmt.num_blocks": len(split_blocks(state, "blocks.")),
+        "pmt.mlp_dim": state["blocks.0.mlp.fc1.weight"].shape[0],
+        "pmt.taps": taps,
+    }

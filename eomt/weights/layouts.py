@@ -2,12 +2,15 @@
 
 The same weights in three layouts:
 
-ours      `eomt.modeling.EoMT`: `backbone.*` is a timm ViT (DINOv2) or a timm Eva (DINOv3).
+ours      `eomt.modeling.EoMT` / `PMT`: `backbone.*` is a timm ViT (DINOv2) or Eva (DINOv3).
 official  the authors' release (tue-mps/eomt `pytorch_model.bin`, or a Lightning `.ckpt` that
           holds it under `state_dict`): `network.*`. Its DINOv2 backbone is timm's ViT; its DINOv3
           backbone is transformers' DINOv3ViTModel with the names their code gives it
           (`patch_embed.{cls_token,register_tokens,patch_embeddings}`, `blocks.N.attention.*`),
           and those files store the fine-tuned weights minus the initial ones (deltas).
+          PMT's (tue-mps/pmt) has the same encoder under `network.encoder.backbone.*` (absent from
+          its release files, which hold the decoder only), `network.bn.*` (the taps' BatchNorm)
+          and `network.decoder.*` (fusion, queries, DINOv3-style blocks, heads).
 hf        transformers' `EomtForUniversalSegmentation` (DINOv2) and
           `EomtDinov3ForUniversalSegmentation` (DINOv3); they normalise images outside the model.
 
@@ -40,9 +43,20 @@ HF_HEAD_RENAMES = (
     ("attn_mask_probs", "attn_mask_probs"),
     ("upscale_block.block.", "upscale."),
 )
+# PMT's names outside the encoder and the new blocks -> ours (first matching prefix wins).
+PMT_DECODER = "network.decoder."
+PMT_RENAMES = (
+    ("network.encoder.pixel_mean", "pixel_mean"),
+    ("network.encoder.pixel_std", "pixel_std"),
+    ("network.bn.", "tap_norms."),
+    ("network.decoder.lateral_projections.", "lateral_mlps."),
+    ("network.decoder.scalers.", "lateral_scales."),
+    ("network.decoder.q.", "queries."),
+    (PMT_DECODER, ""),
+)
 # Keys that hold no weights of the model: the loss's class weights and fixed rotary tables.
 IGNORED_KEYS = ("criterion.empty_weight", "embeddings.mask_token")
-IGNORED_PARTS = ("rope_embeddings.",)
+IGNORED_PARTS = ("rope_embeddings.", "network.rope.")
 
 # One transformer block, transformers' names -> timm's, besides q/k/v and gated MLPs.
 VIT_BLOCK_RENAMES = {  # HF EoMT layer -> timm VisionTransformer block
@@ -90,7 +104,7 @@ def to_ours(
     """Weights in any of the three layouts -> ours (`pixel_mean` / `pixel_std`: the image
     statistics of HF weights, whose image processor normalises)."""
     state = {
-        k: v
+        k.replace("._orig_mod", ""): v  # torch.compile's wrapper, in Lightning checkpoints
         for k, v in state.items()
         if k not in IGNORED_KEYS and not any(p in k for p in IGNORED_PARTS)
     }
@@ -106,29 +120,51 @@ def to_ours(
 
 
 def official_to_ours(state: dict) -> dict:
-    backbone = {
-        k[len(OFFICIAL_BACKBONE) :]: v for k, v in state.items() if k.startswith(OFFICIAL_BACKBONE)
-    }
-    if "patch_embed.patch_embeddings.weight" in backbone:  # transformers' DINOv3ViTModel
-        backbone = _hf_backbone_to_timm(backbone, "patch_embed.", "blocks.", "norm.", eva=True)
-    out = {"backbone." + k: v for k, v in backbone.items()}
+    """EoMT's or PMT's official weights -> ours."""
+    out = {"backbone." + k: v for k, v in _official_backbone_to_timm(state).items()}
+    if any(k.startswith(PMT_DECODER) for k in state):
+        blocks = split_blocks(state, PMT_DECODER + "blocks.")
+        for index, block in blocks.items():
+            out.update({f"blocks.{index}.{k}": v for k, v in _block_to_timm(block, True).items()})
+        renames, skip = PMT_RENAMES, PMT_DECODER + "blocks."
+    else:
+        renames, skip = OFFICIAL_HEAD_RENAMES, OFFICIAL_BACKBONE
     for key, value in state.items():
-        if not key.startswith(OFFICIAL_BACKBONE) and key not in IGNORED_KEYS:
-            out[_rename(key, OFFICIAL_HEAD_RENAMES)] = value
+        if not key.startswith((OFFICIAL_BACKBONE, skip)):
+            out[_rename(key, renames)] = value
     return out
 
 
 def ours_to_official(state: dict) -> dict:
+    """Our EoMT or PMT weights -> the authors' layout (tue-mps/eomt, tue-mps/pmt)."""
     backbone = strip_prefix(state, "backbone.")
     if is_eva(backbone):
         backbone = _timm_backbone_to_hf(backbone, "patch_embed.", "blocks.", "norm.", eva=True)
     out = {OFFICIAL_BACKBONE + k: v for k, v in backbone.items()}
-    inverse = [(new, old) for old, new in OFFICIAL_HEAD_RENAMES[:-1]]
+    pmt = is_pmt(state)
+    if pmt:
+        for index, block in split_blocks(state, "blocks.").items():
+            prefix = f"{PMT_DECODER}blocks.{index}."
+            out.update({prefix + k: v for k, v in _block_to_hf(block, eva=True).items()})
+    inverse = [(new, old) for old, new in (PMT_RENAMES if pmt else OFFICIAL_HEAD_RENAMES)[:-1]]
+    default = PMT_DECODER if pmt else "network."
     for key, value in state.items():
-        if not key.startswith("backbone."):
+        if not key.startswith("backbone.") and not (pmt and key.startswith("blocks.")):
             renamed = _rename(key, inverse)
-            out[renamed if renamed != key else "network." + key] = value
+            out[renamed if renamed != key else default + key] = value
     return out
+
+
+def is_pmt(state: dict) -> bool:
+    """Our PMT's weights: the taps' BatchNorm."""
+    return any(k.startswith("tap_norms.") for k in state)
+
+
+def _official_backbone_to_timm(state: dict) -> dict:
+    backbone = strip_prefix(state, OFFICIAL_BACKBONE)
+    if "patch_embed.patch_embeddings.weight" in backbone:  # transformers' DINOv3ViTModel
+        backbone = _hf_backbone_to_timm(backbone, "patch_embed.", "blocks.", "norm.", eva=True)
+    return backbone
 
 
 # -- Hugging Face --------------------------------------------------------------------------------
@@ -224,9 +260,19 @@ def _timm_backbone_to_hf(state: dict, embed: str, blocks: str, norm: str | None,
 
 
 def _block_to_timm(block: dict, eva: bool) -> dict:
-    """One block: separate q, k, v projections -> timm's fused qkv; gated MLP halves -> timm's."""
+    """One block: separate q, k, v projections (or the authors' fused `qkv_proj`) -> timm's
+    fused qkv; gated MLP halves -> timm's."""
     block = dict(block)
     attn = "attention."
+    if f"{attn}qkv_proj.weight" in block:  # fuse_dinov3_qkv_projections of tue-mps/pmt
+        (
+            block[f"{attn}q_proj.weight"],
+            block[f"{attn}k_proj.weight"],
+            block[f"{attn}v_proj.weight"],
+        ) = block.pop(f"{attn}qkv_proj.weight").chunk(3)
+        if f"{attn}qkv_proj.bias" in block:
+            for n, bias in zip("qkv", block.pop(f"{attn}qkv_proj.bias").chunk(3)):
+                block[f"{attn}{n}_proj.bias"] = bias
     out = {"attn.qkv.weight": torch.cat([block.pop(f"{attn}{n}_proj.weight") for n in "qkv"])}
     if eva:
         # timm's Eva has no key bias: it adds the same amount to all scores of a query, which

@@ -1,14 +1,18 @@
 """The one door for weights: any supported file (ours, the official release, Hugging Face, official
-DINOv3 deltas) -> weights in our layout, and the model they belong to.
+DINOv3 deltas, PMT's Lightning checkpoints and decoder-only release files) -> weights in our
+layout, and the model they belong to.
 
 A file goes down through the package once: `files` reads it, `layouts` renames its keys to ours,
 `architecture` gives the model's config, `eomt.modeling` builds the model, `load_state` fills it.
-Only official DINOv3 deltas go back to `files` and `layouts`: the DINOv3 weights they are
-relative to are read and renamed after the model is built, whose backbone Meta's layout needs.
+Only official DINOv3 deltas and PMT's decoder-only files go back to `files` and `layouts`: the
+backbone weights they build on are read and renamed after the model is built, whose backbone
+Meta's layout and timm's resampling need.
 """
 
 from pathlib import Path
 
+import timm
+import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
@@ -16,7 +20,17 @@ from eomt.modeling import build_model
 from eomt.modeling.eomt import IMAGENET_MEAN, IMAGENET_STD
 from eomt.weights.architecture import model_config
 from eomt.weights.files import StoredWeights, model_state_dict, read_checkpoint, read_weights
-from eomt.weights.layouts import apply_delta, base_backbone_weights, is_delta, to_ours
+from eomt.weights.layouts import (
+    apply_delta,
+    base_backbone_weights,
+    is_delta,
+    is_eva,
+    is_pmt,
+    split_blocks,
+    to_ours,
+)
+
+DECODER_ONLY_IMAGE_SIZE = (640, 640)  # when neither the file nor the caller gives one
 
 
 def load_weights(path: str | Path, base_weights: str | Path | None = None, backbone=None) -> dict:
@@ -27,6 +41,8 @@ def load_weights(path: str | Path, base_weights: str | Path | None = None, backb
     state = _ours(stored)
     if is_delta(state):
         state = _absolute(state, stored.path, base_weights, backbone)
+    elif holds_decoder_only(state) and base_weights:
+        state = with_encoder(state, _encoder(stored.path, base_weights), backbone)
     return state
 
 
@@ -48,10 +64,26 @@ def load_model(
     stored = read_weights(path, hf_config=True)
     state = _ours(stored)
     delta = is_delta(state)
-    cfg, categories = model_config(state, stored, image_size, num_heads)
+    decoder_only = holds_decoder_only(state)
+    if decoder_only:
+        # The architecture is that of the encoder file; the input size, not kept by DINOv3
+        # and not the encoder file's own for DINOv2, is given or the default; the patch size
+        # is the decoder's (timm resamples the encoder's to it, as it does in their code).
+        encoder = _encoder(stored.path, base_weights)
+        cfg, categories = model_config(
+            {**state, **{"backbone." + k: v for k, v in encoder.items()}},
+            stored,
+            image_size or DECODER_ONLY_IMAGE_SIZE,
+            num_heads,
+        )
+        cfg.model.patch_size = 2 ** (len(split_blocks(state, "upscale.")) + 2)
+    else:
+        cfg, categories = model_config(state, stored, image_size, num_heads)
     model = build_model(cfg, backbone_weights=False)
     if delta:
         state = _absolute(state, stored.path, base_weights, model.backbone)
+    elif decoder_only:
+        state = with_encoder(state, encoder, model.backbone)
     load_state(model, _fit_pos_embed(state, model.backbone), True, str(stored.path))
     return model, cfg, categories
 
@@ -70,9 +102,12 @@ def load_checkpoint(
 
     With `strict=False`, keys missing from the file or of another shape (say, a class head
     for another number of classes) keep their initialisation and are returned in the report.
-    `base_weights`: the DINOv3 backbone file that official DINOv3 deltas are relative to.
+    `base_weights`: the backbone file that official DINOv3 deltas are relative to, or that a
+    PMT decoder-only file (the authors' release) takes its encoder from.
     """
     state = load_weights(path, base_weights, getattr(model, "backbone", None))
+    if holds_decoder_only(state):
+        _encoder(Path(path), base_weights)  # raises, saying which file to give
     return load_state(model, state, strict, str(path))
 
 
@@ -97,6 +132,41 @@ def _absolute(delta: dict, path: Path, base_weights, backbone) -> dict:
         )
     base = model_state_dict(read_checkpoint(base_weights))
     return apply_delta(delta, base_backbone_weights(base, backbone), str(path))
+
+
+def holds_decoder_only(state: dict) -> bool:
+    """PMT weights without their encoder: the authors' release files, whose frozen encoder is
+    the pretrained one."""
+    return is_pmt(state) and not any(k.startswith("backbone.") for k in state)
+
+
+def _encoder(path: Path, base_weights) -> dict:
+    """The encoder weights a PMT decoder-only file builds on, in timm's names (as stored)."""
+    if not base_weights:
+        raise ValueError(
+            f"{path}: holds PMT's decoder only (the authors' release files leave out the frozen "
+            "encoder); give the encoder's pretrained weights: base_weights=FILE / "
+            "--base-weights FILE (transformers' DINOv3, or timm's DINOv2 or DINOv3)"
+        )
+    state = model_state_dict(read_checkpoint(base_weights))
+    if "storage_tokens" in state:
+        raise ValueError(
+            f"{base_weights}: Meta's DINOv3 layout; for PMT's decoder-only files give the "
+            "encoder in transformers' or timm's layout"
+        )
+    return base_backbone_weights(state, None)
+
+
+def with_encoder(state: dict, encoder: dict, backbone) -> dict:
+    """A PMT decoder-only state (ours) completed with `encoder` (timm's names), resampled by
+    timm to `backbone`'s patch and input size as timm loads pretrained weights, and with the
+    image statistics that the release files leave out."""
+    family = timm.models.eva if is_eva(encoder) else timm.models.vision_transformer
+    encoder = family.checkpoint_filter_fn(encoder, backbone)
+    out = {"backbone." + k: v for k, v in encoder.items()}
+    out["pixel_mean"] = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    out["pixel_std"] = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return {**out, **state}
 
 
 def _fit_pos_embed(state: dict, vit) -> dict:
