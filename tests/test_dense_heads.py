@@ -88,8 +88,8 @@ def test_default_channels():
 
 
 def test_head_reads_the_tapped_blocks_tokens():
-    """The grids are the patch tokens of the tapped blocks (only the last one normalised), and
-    no block after the last tap runs."""
+    """The grids are the patch tokens of the tapped blocks, each through the final norm (as
+    PMT reads them), and no block after the last tap runs or trains."""
     model = DenseSegmenter(tiny_vit(8, depth=4), NUM_CLASSES, "mlp", taps=[0, 1, 2]).eval()
     seen = []
     model.head.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
@@ -101,7 +101,7 @@ def test_head_reads_the_tapped_blocks_tokens():
     expected = []
     for i in range(3):
         x = vit.blocks[i](x)
-        tokens = vit.norm(x) if i == 2 else x
+        tokens = vit.norm(x)
         expected.append(tokens[:, vit.num_prefix_tokens :].transpose(1, 2).reshape(2, 32, 4, 6))
     assert len(seen[0]) == 3
     for got, want in zip(seen[0], expected):
@@ -109,7 +109,7 @@ def test_head_reads_the_tapped_blocks_tokens():
 
     model.train()
     PixelCrossEntropy(NUM_CLASSES)(model(images), random_targets(2, (32, 48)))["loss"].backward()
-    assert all(p.grad is None for p in vit.blocks[3].parameters())
+    assert all(p.grad is None and not p.requires_grad for p in vit.blocks[3].parameters())
     assert all(p.grad is not None for p in vit.blocks[0].parameters())
 
 

@@ -130,7 +130,7 @@ def official_to_ours(state: dict) -> dict:
     else:
         renames, skip = OFFICIAL_HEAD_RENAMES, OFFICIAL_BACKBONE
     for key, value in state.items():
-        if not key.startswith((OFFICIAL_BACKBONE, skip)):
+        if not key.startswith((OFFICIAL_BACKBONE, skip)) and key not in IGNORED_KEYS:
             out[_rename(key, renames)] = value
     return out
 
