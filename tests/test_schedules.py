@@ -6,7 +6,7 @@ from eomt.engine.solver import (
     backbone_lr_scale,
     build_lr_scheduler,
     build_optimizer,
-    poly_warmup_factor,
+    lr_factor,
 )
 from tests.test_model import tiny_eomt
 
@@ -44,18 +44,18 @@ def test_annealing_rejects_bad_steps():
 def test_warmup_and_poly_boundaries():
     args = dict(max_iter=2500, warmup_iters=(500, 1000), power=0.9)
     # New parameters: linear warm-up over the first 500 iterations, then poly decay.
-    assert poly_warmup_factor(0, is_backbone=False, **args) == 0.0
-    assert poly_warmup_factor(250, is_backbone=False, **args) == 0.5
-    assert poly_warmup_factor(500, is_backbone=False, **args) == 1.0
-    assert poly_warmup_factor(1500, is_backbone=False, **args) == pytest.approx(0.5**0.9)
-    assert poly_warmup_factor(2500, is_backbone=False, **args) == 0.0
+    assert lr_factor(0, is_backbone=False, **args) == 0.0
+    assert lr_factor(250, is_backbone=False, **args) == 0.5
+    assert lr_factor(500, is_backbone=False, **args) == 1.0
+    assert lr_factor(1500, is_backbone=False, **args) == pytest.approx(0.5**0.9)
+    assert lr_factor(2500, is_backbone=False, **args) == 0.0
     # Backbone: 0 during the first stage, warm-up over the next 1000, then poly decay.
-    assert poly_warmup_factor(499, is_backbone=True, **args) == 0.0
-    assert poly_warmup_factor(500, is_backbone=True, **args) == 0.0
-    assert poly_warmup_factor(1000, is_backbone=True, **args) == 0.5
-    assert poly_warmup_factor(1500, is_backbone=True, **args) == 1.0
-    assert poly_warmup_factor(2000, is_backbone=True, **args) == pytest.approx(0.5**0.9)
-    assert poly_warmup_factor(2500, is_backbone=True, **args) == 0.0
+    assert lr_factor(499, is_backbone=True, **args) == 0.0
+    assert lr_factor(500, is_backbone=True, **args) == 0.0
+    assert lr_factor(1000, is_backbone=True, **args) == 0.5
+    assert lr_factor(1500, is_backbone=True, **args) == 1.0
+    assert lr_factor(2000, is_backbone=True, **args) == pytest.approx(0.5**0.9)
+    assert lr_factor(2500, is_backbone=True, **args) == 0.0
 
 
 def test_layerwise_lr_decay_scales():

@@ -31,7 +31,7 @@ import json
 import sys
 
 from eomt.evaluation.files import json_ready
-from eomt.tasks import instance, panoptic, semantic
+from eomt.tasks import TASKS
 
 
 def parse_args(argv=None):
@@ -39,34 +39,9 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     tasks = parser.add_subparsers(dest="task", required=True)
-
-    panoptic = tasks.add_parser("panoptic", help="PQ as the COCO panoptic API's pq_compute")
-    panoptic.add_argument("--gt-json", required=True, help="COCO panoptic ground-truth JSON")
-    panoptic.add_argument("--gt-dir", required=True, help="folder of ground-truth PNGs")
-    panoptic.add_argument("--pred-json", required=True, help="COCO panoptic result JSON")
-    panoptic.add_argument("--pred-dir", required=True, help="folder of predicted PNGs")
-    panoptic.add_argument(
-        "--workers", type=int, help="worker processes; 0: none (default: min(8, CPU count))"
-    )
-
-    semantic = tasks.add_parser("semantic", help="mIoU from folders of label PNGs")
-    semantic.add_argument("--gt-dir", required=True, help="ground-truth label PNGs")
-    semantic.add_argument("--pred-dir", required=True, help="predicted label PNGs, same names")
-    semantic.add_argument("--num-classes", type=int, required=True)
-    semantic.add_argument("--ignore-index", type=int, default=255, help="PNG value to ignore")
-    semantic.add_argument(
-        "--label-offset", type=int, default=0, help="class = PNG value - offset (ADE20K: 1)"
-    )
-    semantic.add_argument("--class-names", help="text file, one class name per line")
-    semantic.add_argument(
-        "--output-dir", help="write per_class.csv and the confusion matrix (.npy, .csv) there"
-    )
-
-    instance = tasks.add_parser("instance", help="mask AP by COCOeval")
-    instance.add_argument("--gt-json", required=True, help="COCO instance ground-truth JSON")
-    instance.add_argument("--pred-json", required=True, help="COCO results JSON (RLE masks)")
-
-    for subparser in (panoptic, semantic, instance):
+    for name, task in TASKS.items():
+        subparser = tasks.add_parser(name, help=task.files_help)
+        task.add_file_arguments(subparser)
         subparser.add_argument(
             "--json", action="store_true", help="print one JSON object (percentages)"
         )
@@ -75,26 +50,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.task == "panoptic":
-        summary = panoptic.evaluate_files(
-            args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, args.workers
-        )
-        table = panoptic.format_table(summary)
-    elif args.task == "semantic":
-        names = args.class_names and semantic.read_class_names(args.class_names, args.num_classes)
-        summary = semantic.evaluate_files(
-            args.gt_dir,
-            args.pred_dir,
-            args.num_classes,
-            args.ignore_index,
-            args.label_offset,
-            names,
-            args.output_dir,
-        )
-        table = semantic.format_table(summary)
-    else:
-        summary, coco_summary = instance.evaluate_files(args.gt_json, args.pred_json)
-        table = instance.format_table(summary, coco_summary)
+    summary, table = TASKS[args.task].score_files(args)
     print(json.dumps(json_ready(summary), allow_nan=False) if args.json else table)
     return summary
 

@@ -46,7 +46,7 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, llrd: floa
 LR_SCHEDULES = ("poly", "cosine")
 
 
-def poly_warmup_factor(
+def lr_factor(
     iteration: int,
     max_iter: int,
     warmup_iters: tuple[int, int],
@@ -54,7 +54,8 @@ def poly_warmup_factor(
     is_backbone: bool,
     schedule: str = "poly",
 ) -> float:
-    """Multiplier of a group's base lr at `iteration` (0-based, before that optimizer step)."""
+    """Multiplier of a group's base lr at `iteration` (0-based, before that optimizer step):
+    the two-stage linear warm-up, then the poly or cosine decay to 0 at `max_iter`."""
     new_warmup, backbone_warmup = warmup_iters
     if is_backbone:
         if iteration < new_warmup:
@@ -79,7 +80,7 @@ def build_lr_scheduler(
     return LambdaLR(
         optimizer,
         [
-            lambda it, b=group["is_backbone"]: poly_warmup_factor(
+            lambda it, b=group["is_backbone"]: lr_factor(
                 it, max_iter, warmup_iters, power, b, schedule
             )
             for group in optimizer.param_groups

@@ -77,6 +77,20 @@ class Task(ABC):
         """The ground truth and prediction panels of an evaluation picture, or None."""
         return None
 
+    # -- files -> metrics (tools/evaluate.py TASK) ------------------------------------------
+
+    files_help: str  # one line: what `tools/evaluate.py TASK` scores
+
+    @abstractmethod
+    def add_file_arguments(self, parser) -> None:
+        """The arguments of `tools/evaluate.py TASK`: where the ground truth and the
+        predictions are, and the options of scoring them."""
+
+    @abstractmethod
+    def score_files(self, args) -> tuple[dict, str]:
+        """(summary, table) of the files those arguments name: the task's metrics (percent)
+        and their table as printed."""
+
     # -- results -> files --------------------------------------------------------------------
 
     def open_json(self, output_dir, categories: list[dict]):

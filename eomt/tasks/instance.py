@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 class InstanceTask(Task):
     name = "instance"
     headline = ("AP",)
+    files_help = "mask AP by COCOeval"
     prediction_unit = "instance masks with pixels"
 
     def postprocess(self, mask_logits, class_logits, categories, test_cfg):
@@ -64,6 +65,14 @@ class InstanceTask(Task):
 
     def open_json(self, output_dir, categories):
         return StreamedJson(Path(output_dir, "instances.json"))
+
+    def add_file_arguments(self, parser) -> None:
+        parser.add_argument("--gt-json", required=True, help="COCO instance ground-truth JSON")
+        parser.add_argument("--pred-json", required=True, help="COCO results JSON (RLE masks)")
+
+    def score_files(self, args) -> tuple[dict, str]:
+        summary, coco_summary = evaluate_files(args.gt_json, args.pred_json)
+        return summary, format_table(summary, coco_summary)
 
     def image_outputs(self, picture, result, info, name, categories, overlay, score_threshold):
         result = {key: value.cpu() for key, value in result.items()}

@@ -23,6 +23,7 @@ GROUPS = (("All", ""), ("Things", "_th"), ("Stuff", "_st"))
 class PanopticTask(Task):
     name = "panoptic"
     headline = ("PQ", "SQ", "RQ")
+    files_help = "PQ as the COCO panoptic API's pq_compute"
     folder = "panoptic"
     prediction_unit = "segments"
 
@@ -90,6 +91,21 @@ class PanopticTask(Task):
             ("images",),
             {"categories": categories},
         )
+
+    def add_file_arguments(self, parser) -> None:
+        parser.add_argument("--gt-json", required=True, help="COCO panoptic ground-truth JSON")
+        parser.add_argument("--gt-dir", required=True, help="folder of ground-truth PNGs")
+        parser.add_argument("--pred-json", required=True, help="COCO panoptic result JSON")
+        parser.add_argument("--pred-dir", required=True, help="folder of predicted PNGs")
+        parser.add_argument(
+            "--workers", type=int, help="worker processes; 0: none (default: min(8, CPU count))"
+        )
+
+    def score_files(self, args) -> tuple[dict, str]:
+        summary = evaluate_files(
+            args.gt_json, args.gt_dir, args.pred_json, args.pred_dir, args.workers
+        )
+        return summary, format_table(summary)
 
     def image_outputs(self, picture, result, info, name, categories, overlay, score_threshold):
         seg, segments = result[0].cpu().numpy(), result[1]

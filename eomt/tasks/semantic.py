@@ -22,6 +22,7 @@ METRICS = ("mIoU", "fwIoU", "mACC", "pACC")
 class SemanticTask(Task):
     name = "semantic"
     headline = ("mIoU",)
+    files_help = "mIoU from folders of label PNGs"
     folder = "semantic"
     prediction_unit = "distinct labels"
 
@@ -60,6 +61,32 @@ class SemanticTask(Task):
     def save(self, evaluator, output_dir):
         """The per-class table and the confusion matrix, under semantic/."""
         evaluator.save(str(Path(output_dir, "semantic")))
+
+    def add_file_arguments(self, parser) -> None:
+        parser.add_argument("--gt-dir", required=True, help="ground-truth label PNGs")
+        parser.add_argument("--pred-dir", required=True, help="predicted label PNGs, same names")
+        parser.add_argument("--num-classes", type=int, required=True)
+        parser.add_argument("--ignore-index", type=int, default=255, help="PNG value to ignore")
+        parser.add_argument(
+            "--label-offset", type=int, default=0, help="class = PNG value - offset (ADE20K: 1)"
+        )
+        parser.add_argument("--class-names", help="text file, one class name per line")
+        parser.add_argument(
+            "--output-dir", help="write per_class.csv and the confusion matrix (.npy, .csv) there"
+        )
+
+    def score_files(self, args) -> tuple[dict, str]:
+        names = args.class_names and read_class_names(args.class_names, args.num_classes)
+        summary = evaluate_files(
+            args.gt_dir,
+            args.pred_dir,
+            args.num_classes,
+            args.ignore_index,
+            args.label_offset,
+            names,
+            args.output_dir,
+        )
+        return summary, format_table(summary)
 
     def image_outputs(self, picture, result, info, name, categories, overlay, score_threshold):
         labels = result.cpu().numpy()
