@@ -11,7 +11,7 @@ import eomt
 from eomt.engine.trainer import Trainer
 from eomt.modeling import PMT, build_model, build_vit, freeze_blocks
 from eomt.weights.files import read_checkpoint
-from eomt.weights.layouts import _timm_backbone_to_hf, ours_to_official
+from eomt.weights.layouts import _timm_backbone_to_hf, ours_to_hf, ours_to_official
 from tests.test_faults import start
 
 NUM_QUERIES, NUM_CLASSES = 6, 4
@@ -217,6 +217,8 @@ def test_a_pmt_checkpoint_of_ours_converts_to_their_layout_and_back(tmp_path, im
     assert "network.decoder.blocks.0.layer_scale1.lambda1" in state
     assert "network.decoder.lateral_projections.0.0.weight" in state
     assert "network.decoder.scalers.1" in state and "network.decoder.q.weight" in state
+    with pytest.raises(ValueError, match="transformers has no PMT"):
+        ours_to_hf(model.state_dict())
 
 
 # -- training ----------------------------------------------------------------------------------

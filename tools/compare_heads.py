@@ -36,7 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/synthetic/eomt_tiny_panoptic.yaml"
 HEADS = {  # head -> config overrides
     "eomt": ["test.metrics=[panoptic, semantic, instance]"],
-    "pmt": ["model.name=pmt", "test.metrics=[panoptic, semantic, instance]"],
+    # PMT's new blocks: as many as EoMT's query blocks in the demo (2).
+    "pmt": ["model.name=pmt", "pmt.num_blocks=2", "test.metrics=[panoptic, semantic, instance]"],
     **{
         head: [
             "model.name=dense",
@@ -62,6 +63,7 @@ def extract_encoder(checkpoint: Path, output: Path) -> tuple[Path, dict]:
         "model.patch_size": cfg.model.patch_size,
         "model.backbone_kwargs": json.dumps(dict(cfg.model.backbone_kwargs)),
         "input.image_size": json.dumps(list(cfg.input.image_size)),
+        "pmt.mlp_dim": model.backbone.embed_dim,  # PMT's new blocks: the authors' MLP width
     }
     return path, keys
 

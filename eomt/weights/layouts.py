@@ -190,6 +190,8 @@ def hf_to_ours(state: dict, pixel_mean=IMAGENET_MEAN, pixel_std=IMAGENET_STD) ->
 
 def ours_to_hf(state: dict) -> dict:
     """Our weights -> HF; `pixel_mean` / `pixel_std` go to the image processor's config."""
+    if is_pmt(state):
+        raise ValueError("transformers has no PMT model: convert PMT to ours or official")
     backbone = strip_prefix(state, "backbone.")
     norm = strip_prefix(backbone, "norm.")
     body = {k: v for k, v in backbone.items() if not k.startswith("norm.")}
