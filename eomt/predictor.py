@@ -176,7 +176,7 @@ class Predictor:
         model = self.model
         saved = model.masked_attn, model.attn_mask_probs.clone()
         model.masked_attn = "always"
-        model.attn_mask_probs.fill_(1.0)
+        model.set_attn_mask_probs([1.0] * model.num_query_blocks)
         try:
             with autocast_for(self.device, self.cfg.solver.amp):
                 predictions = self.forward(padded[None])
@@ -192,8 +192,9 @@ class Predictor:
             ]
         )
         classes = torch.stack([p["class_logits"][0, queries].float() for p in predictions])
-        first = len(model.backbone.blocks) - model.num_query_blocks
-        names = [f"block {first + i}" for i in range(len(predictions) - 1)] + ["final"]
+        # As the results name them (TASK_block<i>): the query block, EoMT's or PMT's, counted
+        # from the first that sees the queries.
+        names = [f"before query block {i}" for i in range(len(predictions) - 1)] + ["final"]
         return masks, classes, queries, names
 
 

@@ -135,7 +135,7 @@ def test_query_predictions_follow_the_masked_path(weights, image_dir):
     probs_before = predictor.model.attn_mask_probs.clone()
     masks, classes, queries, names = predictor.query_predictions(image_dir / "a.png", 3)
     assert masks.shape == (L2 + 1, 3, 40, 56) and classes.shape == (L2 + 1, 3, CLASSES + 1)
-    assert names == ["block 1", "block 2", "final"]
+    assert names == ["before query block 0", "before query block 1", "final"]
     # The model is left as it was: unmasked inference, its own attention-mask probabilities.
     assert predictor.model.masked_attn == "anneal"
     assert torch.equal(predictor.model.attn_mask_probs, probs_before)
