@@ -70,21 +70,27 @@ class PMT(MaskTransformer):
             for _ in taps
         )
         self.lateral_scales = nn.ParameterList(nn.Parameter(torch.ones(dim)) for _ in taps)
-        self.rope = None
-        if getattr(backbone, "rope", None) is None:
+        # An encoder with rotary embeddings lends them, in its own layout; else DINOv3's.
+        self.rope, rotate_half = None, True
+        if getattr(backbone, "rope", None) is not None:
+            rotate_half = backbone.blocks[0].attn.rotate_half
+        else:
             self.rope = RotaryEmbeddingDinoV3(
                 dim // num_heads,
                 temperature=ROPE_TEMPERATURE,
                 feat_shape=list(backbone.patch_embed.grid_size),
                 rescale_coords=ROPE_RESCALE,
             )
+        hidden = mlp_dim or 4 * dim
+        # timm takes the width as a ratio and truncates dim * ratio: nudge it up to `hidden`.
+        ratio = hidden / dim if int(dim * (hidden / dim)) == hidden else (hidden + 0.5) / dim
         self.blocks = nn.ModuleList(
             EvaBlock(
                 dim,
                 num_heads,
-                mlp_ratio=(mlp_dim or 4 * dim) / dim,
+                mlp_ratio=ratio,
                 num_prefix_tokens=num_queries + backbone.num_prefix_tokens,
-                rotate_half=True,
+                rotate_half=rotate_half,
                 init_values=1.0,
                 norm_layer=nn.LayerNorm,
             )
