@@ -37,6 +37,10 @@ def test_every_step_runs_without_error(dry_run):
         assert "error" not in result, (name, result)
         assert "skipped" not in result or name == "autotune", (name, result)
     assert record["steps"]["tests"]["returncode"] == 0
+    assert record["failed_steps"] == []
+    steps_table = done.stdout[done.stdout.index("| Step | seconds | outcome |") :]
+    assert all(f"| {name} | " in steps_table for name in gpu_check.STEPS)
+    assert "FAILED" not in steps_table and "No step failed." in steps_table
 
 
 def test_fast_path_options_agree_with_eager_float32(dry_run):
@@ -85,6 +89,44 @@ def test_paper_fps_come_from_paper_results():
     assert gpu_check.paper_fps("EoMT-L 640") == 128 and gpu_check.paper_fps("M2F-L 640") == 29
     assert gpu_check.paper_fps("EoMT-L 1280") == 30
     assert all(gpu_check.paper_fps(name) > 0 for name in gpu_check.MODELS)
+
+
+def test_a_failed_step_is_named_and_sets_the_exit_status(tmp_path, monkeypatch, capsys):
+    argv = ["--device", "cpu", "--output", str(tmp_path), "--steps", "environment,matmul"]
+    record = gpu_check.main(gpu_check.parse_args(argv))
+    assert record["failed_steps"] == [] and gpu_check.exit_status(record) == 0
+    assert "No step failed." in capsys.readouterr().out
+
+    def broken(run):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setitem(gpu_check.STEP_FUNCTIONS, "matmul", broken)
+    record = gpu_check.main(gpu_check.parse_args(argv))
+    assert record["failed_steps"] == ["matmul"] and gpu_check.exit_status(record) == 1
+    table = capsys.readouterr().out
+    assert "| environment | " in table and "| ok |" in table
+    assert "FAILED: error: RuntimeError: no such kernel |" in table
+    assert table.rstrip().endswith("FAILED steps: matmul")
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["failed_steps"] == ["matmul"]
+
+
+def test_what_counts_as_a_failed_step():
+    agreeing = {"precision": "bf16 weights", "relative_error": 1e-3, "agrees": True, "fps": 9}
+    disagreeing = {**agreeing, "relative_error": 0.3, "agrees": False}
+    assert gpu_check.step_failures({"variants": [agreeing, {"skipped": "time budget"}]}) == []
+    assert gpu_check.step_failures({"variants": [agreeing, disagreeing]}) == [
+        "bf16 weights: relative error 0.3"
+    ]
+    # A failed try before an agreeing one is the fallback at work; no agreeing try fails.
+    tried = [{"variant": [], "error": "OutOfMemoryError"}]
+    assert gpu_check.step_failures({"M2F-L 640": {**agreeing, "tried": tried}}) == []
+    assert gpu_check.step_failures({"M2F-L 640": {"tried": tried}}) == ["no option ran and agreed"]
+    assert gpu_check.step_failures({"returncode": 1, "summary": "1 failed"}) == [
+        "pytest exit status 1: 1 failed"
+    ]
+    assert gpu_check.step_failures({"loss_fell": False}) == ["the loss did not fall"]
+    assert gpu_check.step_failures({"EoMT-g 640": {"error": "killed"}}) == ["error: killed"]
 
 
 def test_a_step_past_the_budget_is_recorded_as_skipped(tmp_path):

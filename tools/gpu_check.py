@@ -28,7 +28,10 @@ left out):
 
 Weights are random (nothing is downloaded); the paper's FPS come from
 configs/paper_results.yaml. The full record goes to OUTPUT/gpu_check.json, rewritten after
-every step (a killed run keeps what it measured); the table comes last.
+every step (a killed run keeps what it measured); the table comes last, with each step's
+outcome. The exit status is 1 when a step failed: an error in its record, an option whose
+outputs disagree with the eager float32 forward, failing GPU tests, a demo loss that did not
+fall.
 """
 
 import argparse
@@ -485,7 +488,39 @@ def step_onnx(run: Run) -> dict:
 STEP_FUNCTIONS = {name: globals()[f"step_{name}"] for name in STEPS}
 
 
+def step_failures(result) -> list[str]:
+    """Why a step's record (or a part of it) failed: an error anywhere in it, an option whose
+    outputs disagree with the eager float32 forward, an FPS row no option ran for, failing
+    GPU tests, a demo whose loss did not fall; [] when it did not."""
+    if isinstance(result, list):
+        return [why for item in result for why in step_failures(item)]
+    if not isinstance(result, dict):
+        return []
+    found = []
+    if "error" in result:
+        found.append(f"error: {str(result['error']).strip()[:200]}")
+    if result.get("agrees") is False:
+        found.append(f"{result['precision']}: relative error {result['relative_error']:.2g}")
+    if "tried" in result and "fps" not in result:  # the tries' own errors stay there
+        found.append("no option ran and agreed")
+    if result.get("returncode", 0) != 0:
+        found.append(f"pytest exit status {result['returncode']}: {result.get('summary')}")
+    if result.get("loss_fell") is False:
+        found.append("the loss did not fall")
+    for key, value in result.items():
+        if key != "tried":  # a failed try before an agreeing one is the fallback working
+            found += step_failures(value)
+    return found
+
+
 # -- report -------------------------------------------------------------------------------------
+
+
+def step_outcome(result: dict) -> str:
+    if "skipped" in result:
+        return f"skipped: {result['skipped']}"
+    failures = step_failures(result)
+    return "FAILED: " + "; ".join(failures)[:300] if failures else "ok"
 
 
 def summary_table(record: dict) -> str:
@@ -545,6 +580,11 @@ def summary_table(record: dict) -> str:
     for name in ("tests", "demo", "onnx"):
         if name in steps:
             lines.append(f"{name}: {json.dumps(steps[name])[:300]}")
+    lines += ["", "| Step | seconds | outcome |", "|---|---|---|"]
+    for name, result in steps.items():
+        lines.append(f"| {name} | {result.get('step_seconds', '')} | {step_outcome(result)} |")
+    failed = record.get("failed_steps", [])
+    lines.append(f"\nFAILED steps: {', '.join(failed)}" if failed else "\nNo step failed.")
     return "\n".join(lines)
 
 
@@ -585,12 +625,15 @@ def parse_args(argv=None):
 
 
 def main(args) -> dict:
+    """Runs the steps, then prints the table; returns the record, whose `failed_steps` names
+    the steps that failed."""
     if args.build_wheels:
         build_wheels(Path(args.build_wheels))
         return {}
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device here; the dry run is --device cpu")
     run = Run(args.device, Path(args.output), args.budget_s)
+    run.record["failed_steps"] = []
     wanted = args.steps.split(",")
     for name in STEPS:
         if name not in wanted:
@@ -606,11 +649,18 @@ def main(args) -> dict:
             result = {"error": f"{type(error).__name__}: {error}"[:1000]}
         result["step_seconds"] = round(time.perf_counter() - start, 1)
         run.record["steps"][name] = result
+        if step_failures(result):
+            run.record["failed_steps"].append(name)
         run.save()
     run.save()
     print(summary_table(run.record), flush=True)
     return run.record
 
 
+def exit_status(record: dict) -> int:
+    """1 when a step failed, else 0."""
+    return 1 if record.get("failed_steps") else 0
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(exit_status(main(parse_args())))
