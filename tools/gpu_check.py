@@ -3,11 +3,13 @@
     make gpu-wheels                  # here, with PyPI: .whl/ holds what the GPU image lacks
     make gpu-check GPU_OUT=$OUT      # there: installs .whl/ offline, then runs this script
     make gpu-check DEVICE=cpu        # the dry run: every step at tiny sizes on the CPU
+    make gpu-standin gpu-standin-check   # the dry run in a stand-in of the GPU machine's Python
     python tools/gpu_check.py --device cuda --output DIR [--steps table,demo] [--budget-s 420]
 
-The GPU machine has its own Python 3.12 and PyTorch (2.11 when this was written) and no
-package registry: `--build-wheels DIR` downloads or builds, here, the wheels of the packages
-its image lacks (`GPU_WHEELS`). Steps, in this order (a step or model that would start after
+The GPU machine has its own Python 3.12 and PyTorch (2.11) and no package registry: only its
+image's packages (`GPU_IMAGE_PACKAGES`) and the wheels `--build-wheels DIR` downloads or
+builds here (`GPU_WHEELS`); tools/gpu_environment.py checks that what the package and this
+command import is among them. Steps, in this order (a step or model that would start after
 `--budget-s` seconds is recorded as skipped; `--steps` runs a subset, e.g. what a first call
 left out):
 
@@ -123,8 +125,55 @@ GPU_TEST_FILES = ["tests/test_gpu.py", "tests/test_ms_deform_attn.py", "tests/te
 PREPARE_SYNTHETIC = "datasets/prepare_synthetic.py"
 TRAIN_NET = "tools/train_net.py"
 DEMO_CONFIG = "configs/synthetic/eomt_tiny_panoptic.yaml"
-# Packages the GPU image lacks (its own torch, numpy, scipy, pillow, safetensors, tqdm, pyyaml,
-# tabulate, portalocker and onnxruntime are used); timm is carried to match the pinned one.
+# The scripts the command runs in their own processes (tools/gpu_environment.py checks their
+# imports with this file's).
+GPU_COMMAND_SCRIPTS = [PREPARE_SYNTHETIC, TRAIN_NET]
+
+# The GPU machine's image: its Python and packages (distribution names), read off the device's
+# KINDS.md on 2026-11-17, with the versions it gave.
+GPU_IMAGE_PYTHON = "3.12.3"
+GPU_IMAGE_PACKAGES = frozenset(
+    """
+    absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs
+    botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy
+    coverage cuda-bindings cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython
+    diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools formulaic
+    frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx huggingface-hub humanize
+    hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin
+    jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities
+    linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl
+    meson ml-dtypes mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind
+    narwhals networkx ninja numba numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti
+    nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile
+    nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-ml-py
+    nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime
+    onnxscript opencv-python-headless optax opt-einsum opt-einsum-fx optimistix
+    orbax-checkpoint packaging pandas pathspec patsy peft pillow pip pluggy portalocker
+    prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments pyparsing
+    pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock
+    pytest-timeout pytest-xdist python-dateutil pytorch-lightning pyyaml regex requests rich
+    sacrebleu safetensors scikit-build-core scikit-image scikit-learn scipy seaborn
+    sentencepiece sentence-transformers setuptools shellingham simplejson six sortedcontainers
+    statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl
+    tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric
+    torchmetrics torchvision tqdm transformers treescope triton typer typing-extensions
+    typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
+    """.split()
+)
+GPU_IMAGE_VERSIONS = {
+    "numpy": "2.5.2",
+    "onnx": "1.23.1",
+    "onnxruntime": "1.30.0",
+    "safetensors": "0.8.0",
+    "torch": "2.11.0",
+    "torchvision": "0.26.0",
+    "triton": "3.6.0",
+    "transformers": "5.17.0",
+    "huggingface-hub": "1.33.0",
+    "pytorch-lightning": "2.6.6",
+    "torchmetrics": "1.9.0",
+}
+# Packages the GPU image lacks, carried as wheels; timm is carried to match the pinned one.
 GPU_WHEELS = [
     "omegaconf==2.4.0",
     "pycocotools==2.0.11",
@@ -134,6 +183,12 @@ GPU_WHEELS = [
     "yacs==0.1.8",
     "termcolor==3.3.0",
 ]
+# Modules in neither, imported (inside functions) only by features this command never uses.
+MODULES_NOT_NEEDED_ON_GPU = {
+    "cityscapesscripts": "the Cityscapes label table: Cityscapes data and class names only",
+    "pyspng": "faster panoptic PNG decoding; Pillow decodes the same pixels without it",
+    "wandb": "logging to wandb (wandb.enabled=true) only",
+}
 WHEEL_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 STEPS = (
     "environment",
@@ -589,14 +644,15 @@ def summary_table(record: dict) -> str:
 
 
 def build_wheels(folder: Path) -> None:
-    """Download (or build, for pure-Python source releases) GPU_WHEELS for CPython 3.12 on
-    x86-64 Linux into `folder`."""
+    """Download (or build, for pure-Python source releases) GPU_WHEELS for the GPU image's
+    CPython on x86-64 Linux into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     platforms = [arg for p in WHEEL_PLATFORMS for arg in ("--platform", p)]
+    python_version = ".".join(GPU_IMAGE_PYTHON.split(".")[:2])
     for requirement in GPU_WHEELS:
         download = [*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(folder)]
-        download += ["--python-version", "3.12", "--implementation", "cp", *platforms]
+        download += ["--python-version", python_version, "--implementation", "cp", *platforms]
         if subprocess.run([*download, requirement], capture_output=True).returncode != 0:
             subprocess.run(
                 [*pip, "wheel", "-q", "--no-deps", "-w", str(folder), requirement], check=True
