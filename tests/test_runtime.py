@@ -162,3 +162,13 @@ def test_the_inference_forward_compiles_as_one_graph(images, mode):
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(tiny_eomt(mode).eval())(images)
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+
+
+def test_predict_tool_runs_and_says_the_precision_asked_for(weights, image_dir, tmp_path, capsys):  # noqa: F811
+    argv = ["--weights", str(weights), "--input", str(image_dir / "a.png")]
+    argv += ["--output", str(tmp_path), "--device", "cpu", "--no-overlay", "--quiet"]
+    predict_tool.main(predict_tool.parse_args([*argv, "--autocast", "bf16"]))
+    assert (
+        capsys.readouterr().out.rstrip().endswith("the model ran in fp32 weights + bf16 autocast")
+    )
+    assert (tmp_path / "panoptic" / "a.png").is_file()

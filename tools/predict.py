@@ -129,7 +129,9 @@ def main(args) -> None:
         bad_images=args.bad_images,
         images=images,
     )
-    print(f"{len(paths)} images -> {args.output} ({', '.join(written) or 'per-image files'})")
+    files = ", ".join(written) or "per-image files"
+    precision = predictor.forward.describe()["precision"]
+    print(f"{len(paths)} images -> {args.output} ({files}); the model ran in {precision}")
 
 
 if __name__ == "__main__":
