@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+from torchvision.transforms.v2.functional import to_dtype
 
 from eomt import streamed_json
 from eomt.data import BadSampleError, BadSampleWarning, synthetic_split_paths
@@ -190,9 +191,9 @@ def test_an_image_in_each_accepted_form_gives_the_same_result(weights, image_dir
         "array": array,
         "read-only array": np.asarray(Image.open(path).convert("RGB")),
         "uint8 tensor": torch.from_numpy(array).permute(2, 0, 1).contiguous(),
-        # Scaled as the uint8 forms are (torchvision multiplies by 1 / 255: a division
-        # rounds 126 of the 256 values differently, which may flip a borderline pixel).
-        "float tensor": torch.from_numpy(array).permute(2, 0, 1) * (1 / 255),
+        # The values uint8 images become (torchvision's scaling, which rounds x * (1/255),
+        # where x / 255 differs in the last bit for about half the values).
+        "float tensor": to_dtype(torch.from_numpy(array).permute(2, 0, 1), scale=True),
     }
     expected_seg, expected_segments = predictor(array, "panoptic")
     assert expected_segments, "a score threshold of 0 keeps segments"
