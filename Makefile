@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint table4-synthetic gpu-wheels gpu-check
+.PHONY: install demo test lint table4-synthetic gpu-wheels gpu-check gpu-standin gpu-standin-check
 
 # One install step for everything: the virtual environment, the pinned stack, this package (editable).
 $(STAMP): requirements.txt setup.py
@@ -59,3 +59,27 @@ gpu-check:
 	python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) python3 tools/gpu_check.py --device cuda --output $(GPU_OUT)
 endif
+
+# A stand-in of the GPU machine's Python, here and without a GPU: CPython 3.12 with the image's
+# torch, torchvision and triton from the package index, the image's packages that the GPU
+# command needs (tools/gpu_environment.py lists them from its imports) and nothing else
+# (checked after installing: made afresh each time), and .whl/ installed offline as the GPU
+# machine installs it.
+# `make gpu-standin-check` then runs the dry run in it: what fails there fails there too.
+STANDIN ?= .standin
+STANDIN_PY := $(STANDIN)/venv/bin/python
+STANDIN_SITE := $(STANDIN)/carried
+PYTHON_3_12 ?= /root/.pyenv/versions/3.12.1/bin/python
+STANDIN_ENV := PYTHONPATH=$(STANDIN_SITE):$(CURDIR)
+STANDIN_OUT ?= output/gpu_check_standin
+
+gpu-standin: gpu-wheels
+	rm -rf $(STANDIN) && $(PYTHON_3_12) -m venv $(STANDIN)/venv
+	$(PY) -m tools.gpu_environment --standin-requirements > $(STANDIN)/requirements.txt
+	$(STANDIN_PY) -m pip install -q --disable-pip-version-check -r $(STANDIN)/requirements.txt
+	$(STANDIN_PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $(STANDIN_SITE) .whl/*.whl
+	$(STANDIN_ENV) $(STANDIN_PY) -m tools.gpu_environment --check-installed
+
+gpu-standin-check:
+	test -x $(STANDIN_PY) || { echo "no stand-in: run make gpu-standin first"; exit 1; }
+	$(STANDIN_ENV) $(STANDIN_PY) tools/gpu_check.py --device cpu --output $(STANDIN_OUT)

@@ -21,7 +21,7 @@ from torch import nn
 
 from eomt.inference import autocast_for, window_starts
 from eomt.modeling import build_model, count_trainable
-from eomt.runtime import FastForward
+from eomt.runtime import FastForward, default_autocast
 
 with warnings.catch_warnings():
     # fvcore decorates its focal losses with torch.jit.script, which recent torch deprecates.
@@ -139,41 +139,68 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def relative_error(outputs: list[dict], reference: list[dict]) -> float:
+    """Largest ||a - b|| / ||b|| over the logits of the final prediction."""
+    got, expected = outputs[-1], reference[-1]
+    return max(
+        float((got[key].float() - expected[key].float()).norm() / expected[key].float().norm())
+        for key in expected
+    )
+
+
 def measure_fps(
     model: nn.Module,
-    input_shape: tuple[int, ...],
-    device: torch.device,
+    images: torch.Tensor,
     warmup: int,
     iterations: int,
     compile_mode: str = "none",
     sdpa_backend: str = "auto",
     weights_dtype: str = "fp32",
+    autocast: str = "none",
 ) -> dict:
-    """Forwards per second of `model` on random inputs of `input_shape` on `device`, from the
-    median forward time; bf16 autocast on CUDA (float32 on CPU), with the `FastForward`
-    options. Compilation happens in the warm-up and is timed apart (`warmup_s`)."""
-    forward = FastForward(model.to(device), compile_mode, sdpa_backend, weights_dtype)
-    images = torch.rand(input_shape, device=device)
+    """Forwards per second of `model` on `images` (on their device) with the `FastForward`
+    options, from the median of `iterations` timed forwards after `warmup` (the first,
+    which compiles, timed apart as `first_forward_s`), and `relative_error`: the final
+    prediction's largest relative L2 error against the eager float32 forward of `model`.
+
+    `model` (float32) is moved, cast and compiled in place: pass a copy to keep it.
+    """
+    device = images.device
+    model = model.to(device).eval()
+    with torch.no_grad():
+        reference = model(images)
+    forward = FastForward(model, compile_mode, sdpa_backend, weights_dtype, autocast)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with autocast_for(device, "bf16"):
-        start = time.perf_counter()
-        time_forwards(forward, images, warmup=1, iterations=0)
-        first_forward_s = time.perf_counter() - start
-        times = time_forwards(forward, images, max(warmup - 1, 0), iterations)
+    start = time.perf_counter()
+    with torch.no_grad():
+        outputs = forward(images)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first_forward_s = time.perf_counter() - start
+    times = time_forwards(forward, images, max(warmup - 1, 0), iterations)
     median_ms = statistics.median(times)
     return {
         "forwards_per_second": 1000 / median_ms,
         "median_ms": median_ms,
         "mean_ms": statistics.fmean(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "warmup": warmup,
+        "iterations": iterations,
         "first_forward_s": first_forward_s,
+        "relative_error": relative_error(outputs, reference),
         "peak_memory_mb": peak_memory_mb(device),
         "device": device_name(device),
-        "precision": ("bf16 autocast" if device.type == "cuda" else "float32")
-        + ("" if weights_dtype == "fp32" else f", {weights_dtype} weights"),
         **forward.describe(),
         "memory_measure": memory_measure(device),
     }
+
+
+def achieved_tflops(images_per_second: float, multiply_adds_per_image: int) -> float:
+    """The TFLOP/s a throughput does: 2 FLOPs per multiply-add (fvcore counts multiply-adds),
+    as `matmul_rate` counts them."""
+    return images_per_second * 2 * multiply_adds_per_image / 1e12
 
 
 def random_targets(
@@ -292,6 +319,7 @@ def benchmark(
     compile_mode: str = "none",
     sdpa_backend: str = "auto",
     weights_dtype: str = "fp32",
+    autocast: str | None = None,
     image_size: tuple[int, int] | None = None,
     warmup: int | None = None,
     iterations: int | None = None,
@@ -300,7 +328,8 @@ def benchmark(
 
     Without `flops` and `fps` the model is built on the meta device (no memory, no init).
     FLOPs are counted on the CPU in float32; FPS runs on `device` with the `FastForward`
-    options `compile_mode`, `sdpa_backend` and `weights_dtype`.
+    options `compile_mode`, `sdpa_backend`, `weights_dtype` and `autocast` (None: bf16 for
+    float32 weights on CUDA, the paper's AMP, else none).
     """
     torch_device = torch.device(device)
     if fps and torch_device.type not in DEFAULT_ITERATIONS:
@@ -337,16 +366,19 @@ def benchmark(
         default_warmup, default_iterations = DEFAULT_ITERATIONS[torch_device.type]
         warmup = default_warmup if warmup is None else warmup
         iterations = default_iterations if iterations is None else iterations
-        input_shape = (batch_size * crops, 3, height, width)
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(batch_size * crops, 3, height, width, generator=generator)
+        if autocast is None:
+            autocast = default_autocast(torch_device, weights_dtype, "bf16")
         timing = measure_fps(
             model,
-            input_shape,
-            torch_device,
+            images.to(torch_device),
             warmup,
             iterations,
             compile_mode,
             sdpa_backend,
             weights_dtype,
+            autocast,
         )
         result.update(
             fps=round(batch_size * timing["forwards_per_second"], 2),
@@ -360,8 +392,11 @@ def benchmark(
             warmup=warmup,
             iterations=iterations,
             precision=timing["precision"],
+            relative_error=timing["relative_error"],
             compile_mode=compile_mode,
             sdpa_backend=sdpa_backend,
+            weights_dtype=weights_dtype,
+            autocast=autocast,
             fps_measure=(
                 f"images per second from the median of {iterations} timed forwards after "
                 f"{warmup} warm-up forwards, each of {batch_size} image(s) x {crops} crop(s), "
@@ -370,5 +405,5 @@ def benchmark(
             memory_measure=timing["memory_measure"],
         )
         if torch_device.type == "cpu":
-            result["note"] = "CPU run: few iterations, float32; not comparable with the paper's FPS"
+            result["note"] = "CPU run: few iterations; not comparable with the paper's FPS"
     return result

@@ -41,7 +41,10 @@ def export(
     precision: str = "fp32",
 ) -> Path:
     """Write the inference graph with a dynamic batch dimension (creating the folder), its
-    weights, inputs and outputs in `precision`; `model` itself is left as it is."""
+    weights, inputs and outputs in `precision`, checked by onnx's checker (shapes inferred);
+    `model` itself is left as it is."""
+    import onnx  # torch.onnx.export needs the onnx package too
+
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +61,7 @@ def export(
         opset_version=opset,
         dynamo=False,
     )
+    onnx.checker.check_model(str(path), full_check=True)
     return Path(path)
 
 

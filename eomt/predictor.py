@@ -14,9 +14,9 @@ from tqdm import tqdm
 from eomt.data import BadSampleError, BadSampleWarning, load_image
 from eomt.data.categories import ade20k_categories, cityscapes_categories
 from eomt.data.images import IMAGE_SUFFIXES, rgb_pixels
-from eomt.inference import autocast_for, resize_and_pad, restore_logits, to_uint8
+from eomt.inference import resize_and_pad, restore_logits, to_uint8
 from eomt.pictures import draw_query_masks
-from eomt.runtime import FastForward
+from eomt.runtime import FastForward, default_autocast
 from eomt.tasks import get_task, infer
 from eomt.weights import load_model
 
@@ -132,7 +132,11 @@ class Predictor:
         num_classes = getattr(model, "num_classes", len(categories))
         if len(categories) != num_classes:
             raise ValueError(f"{len(categories)} categories for a model of {num_classes} classes")
-        # `runtime`: FastForward's compile_mode, sdpa_backend and weights_dtype.
+        # `runtime`: FastForward's compile_mode, sdpa_backend, weights_dtype and autocast; no
+        # autocast given: the config's solver.amp where it applies, as the evaluation runs.
+        if runtime.get("autocast") is None:
+            weights_dtype = runtime.get("weights_dtype", "fp32")
+            runtime["autocast"] = default_autocast(device, weights_dtype, cfg.solver.amp)
         self.forward = FastForward(model.to(device), **runtime)
         self.model = self.forward.model
 
@@ -178,8 +182,7 @@ class Predictor:
         model.masked_attn = "always"
         model.set_attn_mask_probs([1.0] * model.num_query_blocks)
         try:
-            with autocast_for(self.device, self.cfg.solver.amp):
-                predictions = self.forward(padded[None])
+            predictions = self.forward(padded[None])
         finally:
             model.masked_attn = saved[0]
             model.attn_mask_probs.copy_(saved[1])

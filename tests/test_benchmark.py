@@ -219,7 +219,8 @@ def test_cli_table_and_cpu_fps(tmp_path, capsys):
     record = json.loads(line)
     assert record["config"] == configs[0]
     assert record["overrides"] == ["model.num_queries=5"]
-    assert record["device"] == "cpu" and record["precision"] == "float32"
+    assert record["device"] == "cpu" and record["precision"] == "fp32"
+    assert record["autocast"] == "none" and record["relative_error"] < 1e-6
     assert record["iterations"] == 2 and record["warmup"] == 1
     assert record["fps"] > 0 and record["peak_memory_mb"] > 0
     assert "not comparable" in record["note"]
@@ -231,6 +232,7 @@ def test_cli_table_and_cpu_fps(tmp_path, capsys):
         ["--config-file", "model.a=1"],
         ["--config-file", "x.yaml", "--batch-size", "0"],
         ["--config-file", "x.yaml", "y.yaml", "--run", "only_one"],
+        ["--config-file", "x.yaml", "--weights-dtype", "bf16", "--autocast", "bf16"],
     ],
 )
 def test_cli_rejects_bad_arguments(argv):
@@ -242,6 +244,17 @@ def test_fps_device_is_checked_before_building():
     cfg = get_cfg(TINY_CONFIG, HAND_OVERRIDES)
     with pytest.raises(ValueError, match="'mps'"):
         benchmark(cfg, fps=True, device="mps")
+
+
+def test_fps_runs_the_precision_it_reports_against_the_float32_forward():
+    cfg = get_cfg(TINY_CONFIG, HAND_OVERRIDES)
+    timed = {"flops": False, "fps": True, "warmup": 1, "iterations": 1}
+    amp = benchmark(cfg, autocast="bf16", **timed)
+    assert amp["precision"] == "fp32 weights + bf16 autocast" and amp["autocast"] == "bf16"
+    half = benchmark(cfg, weights_dtype="fp16", **timed)
+    assert half["precision"] == "fp16 weights" and half["autocast"] == "none"
+    # Both computed something else than float32, within half precision.
+    assert 1e-5 < amp["relative_error"] < 3e-2 and 1e-5 < half["relative_error"] < 3e-2
 
 
 @pytest.mark.slow
@@ -256,7 +269,7 @@ def test_compiled_cpu_fps():
 def test_cuda_fps_in_bf16():
     cfg = get_cfg(TINY_CONFIG, [*HAND_OVERRIDES, "task=semantic"])
     result = benchmark(cfg, fps=True, device="cuda", image_size=(32, 64), warmup=2, iterations=5)
-    assert result["precision"] == "bf16 autocast" and result["device"] != "cpu"
+    assert result["precision"] == "fp32 weights + bf16 autocast" and result["device"] != "cpu"
     assert result["crops_per_image"] == 2 and result["fps"] > 0 and result["peak_memory_mb"] > 0
 
 

@@ -22,6 +22,7 @@ from eomt.evaluation import (
     SemanticEvaluator,
     masks_to_panoptic,
     masks_to_semantic,
+    panoptic_io,
 )
 from eomt.evaluation.instance import COCO_STATS
 from eomt.evaluation.panoptic_io import id_to_rgb, read_panoptic_png, write_panoptic_png
@@ -416,10 +417,16 @@ def test_segment_ids_round_trip_through_png(tmp_path):
         read_panoptic_png(tmp_path / "gray.png")
 
 
+@pytest.mark.parametrize("libspng", ["pyspng", "without pyspng"])
 @pytest.mark.parametrize("mode", ["RGB", "RGBA"])
-def test_panoptic_png_reads_as_pillow_decodes_it(tmp_path, mode):
-    """libspng's decoding gives the ids of Pillow's pixels (alpha ignored); a broken file is
-    an error that names it."""
+def test_panoptic_png_reads_as_pillow_decodes_it(tmp_path, monkeypatch, mode, libspng):
+    """libspng's decoding gives the ids of Pillow's pixels (alpha ignored), and without
+    pyspng (the GPU machine) Pillow's decoding gives them; a broken file is an error that
+    names it."""
+    if libspng == "without pyspng":
+        monkeypatch.setattr(panoptic_io, "libspng", lambda: None)
+    else:
+        assert panoptic_io.libspng() is not None
     pixels = np.random.default_rng(3).integers(0, 256, size=(37, 53, len(mode)), dtype=np.uint8)
     Image.fromarray(pixels, mode).save(tmp_path / "ids.png")
     with Image.open(tmp_path / "ids.png") as png:
@@ -431,7 +438,8 @@ def test_panoptic_png_reads_as_pillow_decodes_it(tmp_path, mode):
 
     data = (tmp_path / "ids.png").read_bytes()
     (tmp_path / "broken.png").write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="broken.png: pyspng"):
+    problem = "pyspng" if libspng == "pyspng" else "image file is truncated"
+    with pytest.raises(ValueError, match=f"broken.png: {problem}"):
         read_panoptic_png(tmp_path / "broken.png")
 
 

@@ -41,25 +41,32 @@ def relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize(
-    "compile_mode, sdpa_backend, weights_dtype",
+    "compile_mode, sdpa_backend, weights_dtype, autocast",
     [
-        ("none", "flash", "bf16"),
-        ("none", "efficient", "fp32"),
-        ("none", "cudnn", "bf16"),
-        ("default", "auto", "bf16"),
-        ("reduce-overhead", "auto", "bf16"),
+        ("none", "auto", "fp32", "bf16"),
+        ("none", "flash", "bf16", "none"),
+        ("none", "flash", "fp32", "bf16"),
+        ("none", "efficient", "fp32", "none"),
+        ("none", "cudnn", "bf16", "none"),
+        ("none", "auto", "fp16", "none"),
+        ("default", "auto", "bf16", "none"),
+        ("default", "auto", "fp32", "bf16"),
+        ("reduce-overhead", "auto", "bf16", "none"),
     ],
 )
-def test_fast_paths_compute_the_eager_float32_forward(compile_mode, sdpa_backend, weights_dtype):
+def test_fast_paths_compute_the_eager_float32_forward(
+    compile_mode, sdpa_backend, weights_dtype, autocast
+):
     torch._dynamo.reset()
     model = tiny_eomt("anneal").cuda().eval()
     images = torch.rand(2, 3, 32, 48, device="cuda")
     with torch.no_grad():
         expected = model(images)[-1]
-        forward = FastForward(copy.deepcopy(model), compile_mode, sdpa_backend, weights_dtype)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            for _ in range(3):  # compiled and graph-replayed paths settle after a few calls
-                got = forward(images)[-1]
+        forward = FastForward(
+            copy.deepcopy(model), compile_mode, sdpa_backend, weights_dtype, autocast
+        )
+        for _ in range(3):  # compiled and graph-replayed paths settle after a few calls
+            got = forward(images)[-1]
     for key in expected:
         assert relative_error(got[key], expected[key]) < 3e-2
 

@@ -26,38 +26,43 @@ def dry_run(tmp_path_factory):
         text=True,
         timeout=900,
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads((output / "gpu_check.json").read_text()), done.stdout
+    return json.loads((output / "gpu_check.json").read_text()), done
 
 
 def test_every_step_runs_without_error(dry_run):
-    record, _ = dry_run
+    record, done = dry_run
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert list(record["steps"]) == list(gpu_check.STEPS)
     for name, result in record["steps"].items():
         assert "error" not in result, (name, result)
         assert "skipped" not in result or name == "autotune", (name, result)
     assert record["steps"]["tests"]["returncode"] == 0
+    assert record["failed_steps"] == []
+    steps_table = done.stdout[done.stdout.index("| Step | seconds | outcome |") :]
+    assert all(f"| {name} | " in steps_table for name in gpu_check.STEPS)
+    assert "FAILED" not in steps_table and "No step failed." in steps_table
 
 
 def test_fast_path_options_agree_with_eager_float32(dry_run):
     record, _ = dry_run
-    variants = {
-        (v["compile_mode"], v["sdpa_backend"], v["weights_dtype"]): v
-        for v in record["steps"]["fast_path"]["variants"]
-    }
+    variants = {gpu_check.variant_of(v): v for v in record["steps"]["fast_path"]["variants"]}
     assert set(variants) == set(gpu_check.FAST_PATH_VARIANTS["cpu"])
     assert all(v["agrees"] and v["fps"] > 0 for v in variants.values())
-    # float32 paths (torch.compile among them) compute the eager function to rounding;
-    # bf16 weights differ by more than rounding but within bf16.
-    for key, variant in variants.items():
-        if key[2] == "fp32":
-            assert variant["relative_error"] < 1e-5, key
+    # float32 paths (torch.compile among them) compute the eager function to rounding; half
+    # weights and bf16 autocast differ by more than rounding but within half precision.
+    for (_, _, weights_dtype, autocast), variant in variants.items():
+        precision = variant["precision"]
+        if (weights_dtype, autocast) == ("fp32", "none"):
+            assert precision == "fp32" and variant["relative_error"] < 1e-5
         else:
-            assert 1e-4 < variant["relative_error"] < gpu_check.AGREEMENT_TOLERANCE, key
+            assert 1e-4 < variant["relative_error"] < gpu_check.AGREEMENT_TOLERANCE, precision
+    assert variants["none", "auto", "fp32", "bf16"]["precision"] == "fp32 weights + bf16 autocast"
+    assert variants["none", "auto", "fp16", "none"]["precision"] == "fp16 weights"
 
 
 def test_fps_table_training_batched_demo_and_onnx_are_measured(dry_run):
-    record, stdout = dry_run
+    record, done = dry_run
+    stdout = done.stdout
     steps = record["steps"]
     rows = {**steps["headline"], **steps["table"]}
     assert set(gpu_check.MODELS) - set(rows) == {"EoMT-L 640"}  # in fast_path
@@ -78,6 +83,50 @@ def test_fps_table_training_batched_demo_and_onnx_are_measured(dry_run):
     table = stdout[stdout.index("| Model (batch 1) |") :]
     assert all(f"| {name} | " in table for name in gpu_check.MODELS)
     assert "EoMT-L / M2F-L 640" in table and "CPU dry run at tiny sizes" in stdout
+
+
+def test_paper_fps_come_from_paper_results():
+    assert gpu_check.paper_fps("EoMT-L 640") == 128 and gpu_check.paper_fps("M2F-L 640") == 29
+    assert gpu_check.paper_fps("EoMT-L 1280") == 30
+    assert all(gpu_check.paper_fps(name) > 0 for name in gpu_check.MODELS)
+
+
+def test_a_failed_step_is_named_and_sets_the_exit_status(tmp_path, monkeypatch, capsys):
+    argv = ["--device", "cpu", "--output", str(tmp_path), "--steps", "environment,matmul"]
+    record = gpu_check.main(gpu_check.parse_args(argv))
+    assert record["failed_steps"] == [] and gpu_check.exit_status(record) == 0
+    assert "No step failed." in capsys.readouterr().out
+
+    def broken(run):
+        raise RuntimeError("no such kernel")
+
+    monkeypatch.setitem(gpu_check.STEP_FUNCTIONS, "matmul", broken)
+    record = gpu_check.main(gpu_check.parse_args(argv))
+    assert record["failed_steps"] == ["matmul"] and gpu_check.exit_status(record) == 1
+    table = capsys.readouterr().out
+    assert "| environment | " in table and "| ok |" in table
+    assert "FAILED: error: RuntimeError: no such kernel |" in table
+    assert table.rstrip().endswith("FAILED steps: matmul")
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["failed_steps"] == ["matmul"]
+
+
+def test_what_counts_as_a_failed_step():
+    agreeing = {"precision": "bf16 weights", "relative_error": 1e-3, "agrees": True, "fps": 9}
+    disagreeing = {**agreeing, "relative_error": 0.3, "agrees": False}
+    assert gpu_check.step_failures({"variants": [agreeing, {"skipped": "time budget"}]}) == []
+    assert gpu_check.step_failures({"variants": [agreeing, disagreeing]}) == [
+        "bf16 weights: relative error 0.3"
+    ]
+    # A failed try before an agreeing one is the fallback at work; no agreeing try fails.
+    tried = [{"variant": [], "error": "OutOfMemoryError"}]
+    assert gpu_check.step_failures({"M2F-L 640": {**agreeing, "tried": tried}}) == []
+    assert gpu_check.step_failures({"M2F-L 640": {"tried": tried}}) == ["no option ran and agreed"]
+    assert gpu_check.step_failures({"returncode": 1, "summary": "1 failed"}) == [
+        "pytest exit status 1: 1 failed"
+    ]
+    assert gpu_check.step_failures({"loss_fell": False}) == ["the loss did not fall"]
+    assert gpu_check.step_failures({"EoMT-g 640": {"error": "killed"}}) == ["error: killed"]
 
 
 def test_a_step_past_the_budget_is_recorded_as_skipped(tmp_path):

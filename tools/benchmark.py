@@ -5,12 +5,15 @@
     python tools/benchmark.py --config-file CFG --fps --device cuda --compile
     python tools/benchmark.py --config-file CFG --fps --device cuda --compile max-autotune \
         --sdpa-backend cudnn --weights-dtype bf16
+    python tools/benchmark.py --config-file CFG --fps --device cuda --autocast none  # pure fp32
     python tools/benchmark.py --config-file CFG model.masked_attn=always   # EoMT w/ masking
     python tools/benchmark.py --config-file CFG --fps --run masking_masking >> bench.jsonl
 
 One JSON line per config (or, with --table, one markdown table). GFLOPs: fvcore's count of the
 inference forward at batch 1 (see eomt/benchmark.py); semantic configs count every window of a
-typical validation image (--image-size to choose another).
+typical validation image (--image-size to choose another). FPS on CUDA runs float32 weights
+under bf16 autocast unless --weights-dtype or --autocast says otherwise; the line's
+"precision" says what ran.
 """
 
 import argparse
@@ -18,7 +21,7 @@ import json
 
 from eomt.benchmark import benchmark
 from eomt.config import get_cfg
-from eomt.runtime import add_runtime_arguments
+from eomt.runtime import add_runtime_arguments, check_runtime_arguments
 
 
 def parse_args(argv=None):
@@ -29,7 +32,7 @@ def parse_args(argv=None):
     parser.add_argument("--fps", action="store_true", help="also time the inference forward")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="for --fps")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward, for --fps")
-    add_runtime_arguments(parser)
+    add_runtime_arguments(parser, "bf16 on CUDA with fp32 weights, the paper's AMP; else none")
     parser.add_argument("--warmup", type=int, help="warm-up forwards (default: 50 CUDA, 2 CPU)")
     parser.add_argument(
         "--iterations", type=int, help="timed forwards, FPS from the median (500 CUDA, 10 CPU)"
@@ -66,6 +69,7 @@ def parse_args(argv=None):
         parser.error(f"--run: {len(args.run)} names for {len(args.config_file)} configs")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_runtime_arguments(parser, args)
     return args
 
 
@@ -101,6 +105,7 @@ def main(args) -> None:
                 compile_mode=args.compile,
                 sdpa_backend=args.sdpa_backend,
                 weights_dtype=args.weights_dtype,
+                autocast=args.autocast,
                 image_size=args.image_size,
                 warmup=args.warmup,
                 iterations=args.iterations,

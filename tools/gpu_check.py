@@ -3,11 +3,13 @@
     make gpu-wheels                  # here, with PyPI: .whl/ holds what the GPU image lacks
     make gpu-check GPU_OUT=$OUT      # there: installs .whl/ offline, then runs this script
     make gpu-check DEVICE=cpu        # the dry run: every step at tiny sizes on the CPU
+    make gpu-standin gpu-standin-check   # the dry run in a stand-in of the GPU machine's Python
     python tools/gpu_check.py --device cuda --output DIR [--steps table,demo] [--budget-s 420]
 
-The GPU machine has its own Python 3.12 and PyTorch (2.11 when this was written) and no
-package registry: `--build-wheels DIR` downloads or builds, here, the wheels of the packages
-its image lacks (`GPU_WHEELS`). Steps, in this order (a step or model that would start after
+The GPU machine has its own Python 3.12 and PyTorch (2.11) and no package registry: only its
+image's packages (`GPU_IMAGE_PACKAGES`) and the wheels `--build-wheels DIR` downloads or
+builds here (`GPU_WHEELS`); tools/gpu_environment.py checks that what the package and this
+command import is among them. Steps, in this order (a step or model that would start after
 `--budget-s` seconds is recorded as skipped; `--steps` runs a subset, e.g. what a first call
 left out):
 
@@ -15,8 +17,9 @@ left out):
   matmul       the bf16 matrix-multiply rate (8192^3): the ceiling throughput is compared with
   tests        pytest -m gpu: bf16 inference, a masked training step, the Triton deformable
                attention against the PyTorch path (forward and gradients, bf16 and fp32)
-  fast_path    EoMT-L 640 at batch 1 with each runtime option (eomt/runtime.py): FPS, and the
-               relative error of its outputs against the eager float32 forward
+  fast_path    EoMT-L 640 at batch 1 with each runtime option (eomt/runtime.py: compile mode,
+               attention kernel, precision): FPS, and the relative error of its outputs
+               against the eager float32 forward
   headline     ViT-Adapter + M2F-L 640 with the fastest agreeing option: the 4.4x of the paper
   training     EoMT-L 640 training steps, 4 images, masked attention in every query block
   batched      EoMT-L 640 at batch 8 and 32: images/s and the share of the matmul ceiling
@@ -25,15 +28,18 @@ left out):
   autotune     EoMT-L 640 with torch.compile mode max-autotune (slow to compile)
   onnx         EoMT-S 640 exported in fp32 and fp16, checked with onnxruntime
 
-Weights are random (nothing is downloaded). The full record goes to OUTPUT/gpu_check.json,
-rewritten after every step (a killed run keeps what it measured); the table comes last.
+Weights are random (nothing is downloaded); the paper's FPS come from
+configs/paper_results.yaml. The full record goes to OUTPUT/gpu_check.json, rewritten after
+every step (a killed run keeps what it measured); the table comes last, with each step's
+outcome. The exit status is 1 when a step failed: an error in its record, an option whose
+outputs disagree with the eager float32 forward, failing GPU tests, a demo loss that did not
+fall.
 """
 
 import argparse
 import copy
 import json
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,32 +49,33 @@ from pathlib import Path
 import torch
 
 from eomt.benchmark import (
+    achieved_tflops,
     count_flops,
     count_parameters,
     matmul_rate,
+    measure_fps,
     measure_training,
-    peak_memory_mb,
-    time_forwards,
 )
 from eomt.config import get_cfg
-from eomt.inference import autocast_for
 from eomt.modeling import build_model
-from eomt.runtime import FastForward
+from eomt.report import paper_row
+from eomt.runtime import RUNTIME_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 P = "configs/coco/panoptic"
-# (name, config, FPS in the paper: H100, batch 1, FlashAttention-2, torch.compile, AMP)
+# name: (config, its row of configs/paper_results.yaml, whose FPS the paper measured on an
+# H100: batch 1, FlashAttention-2, torch.compile, bf16 AMP)
 MODELS = {
-    "EoMT-L 640": (f"{P}/eomt_large_640.yaml", 128),
-    "M2F-L 640": (f"{P}/m2f_vit_adapter_large_640.yaml", 29),
-    "EoMT-S 640": (f"{P}/eomt_small_640.yaml", 330),
-    "EoMT-B 640": (f"{P}/eomt_base_640.yaml", 261),
-    "EoMT-g 640": (f"{P}/eomt_giant_640.yaml", 55),
-    "EoMT-L 1280": (f"{P}/eomt_large_1280.yaml", 30),
-    "EoMT-L 640 w/ masking": (f"{P}/eomt_large_640_masking.yaml", 61),
-    "M2F-S 640": (f"{P}/m2f_vit_adapter_small_640.yaml", 33),
-    "M2F-B 640": (f"{P}/m2f_vit_adapter_base_640.yaml", 32),
-    "M2F-g 640": (f"{P}/m2f_vit_adapter_giant_640.yaml", 20),
+    "EoMT-L 640": (f"{P}/eomt_large_640.yaml", "table2.eomt_large"),
+    "M2F-L 640": (f"{P}/m2f_vit_adapter_large_640.yaml", "table2.m2f_large"),
+    "EoMT-S 640": (f"{P}/eomt_small_640.yaml", "table2.eomt_small"),
+    "EoMT-B 640": (f"{P}/eomt_base_640.yaml", "table2.eomt_base"),
+    "EoMT-g 640": (f"{P}/eomt_giant_640.yaml", "table2.eomt_giant"),
+    "EoMT-L 1280": (f"{P}/eomt_large_1280.yaml", "coco_panoptic.eomt_large_1280"),
+    "EoMT-L 640 w/ masking": (f"{P}/eomt_large_640_masking.yaml", "table2.eomt_masking_large"),
+    "M2F-S 640": (f"{P}/m2f_vit_adapter_small_640.yaml", "table2.m2f_small"),
+    "M2F-B 640": (f"{P}/m2f_vit_adapter_base_640.yaml", "table2.m2f_base"),
+    "M2F-g 640": (f"{P}/m2f_vit_adapter_giant_640.yaml", "table2.m2f_giant"),
 }
 # The dry run's stand-in for every model: the same configs, a 4-block ViT of width 32 and a
 # tenth of the input size.
@@ -84,33 +91,89 @@ TINY_OVERRIDES = [
     "m2f.dec_layers=3",
     "loss.num_points=256",
 ]
-# (compile mode, SDPA kernel, weights dtype), cheapest first; CUDA and the CPU dry run.
+# (compile mode, SDPA kernel, weights dtype, autocast) as FastForward takes them (eomt/runtime.py),
+# cheapest first; CUDA and the CPU dry run. fp32 weights under bf16 autocast, compiled, is the
+# paper's setting; the flash and cuDNN kernels need half-precision inputs.
 FAST_PATH_VARIANTS = {
     "cuda": [
-        ("none", "auto", "fp32"),
-        ("none", "flash", "fp32"),
-        ("none", "cudnn", "fp32"),
-        ("none", "efficient", "fp32"),
-        ("none", "auto", "bf16"),
-        ("default", "auto", "fp32"),
-        ("default", "auto", "bf16"),
-        ("default", "cudnn", "bf16"),
-        ("reduce-overhead", "auto", "bf16"),
+        ("none", "auto", "fp32", "none"),
+        ("none", "auto", "fp32", "bf16"),
+        ("none", "flash", "fp32", "bf16"),
+        ("none", "cudnn", "fp32", "bf16"),
+        ("none", "efficient", "fp32", "bf16"),
+        ("none", "auto", "bf16", "none"),
+        ("none", "auto", "fp16", "none"),
+        ("default", "auto", "fp32", "bf16"),
+        ("default", "auto", "bf16", "none"),
+        ("default", "cudnn", "bf16", "none"),
+        ("reduce-overhead", "auto", "bf16", "none"),
     ],
     "cpu": [
-        ("none", "auto", "fp32"),
-        ("none", "math", "fp32"),
-        ("none", "auto", "bf16"),
-        ("default", "auto", "fp32"),
+        ("none", "auto", "fp32", "none"),
+        ("none", "math", "fp32", "none"),
+        ("none", "auto", "bf16", "none"),
+        ("none", "auto", "fp16", "none"),
+        ("none", "auto", "fp32", "bf16"),
+        ("default", "auto", "fp32", "none"),
     ],
 }
-AUTOTUNE_VARIANT = ("max-autotune", "auto", "bf16")
-# Largest relative L2 error of a variant's logits against the eager float32 forward: bf16 over
-# up to 40 blocks; float32 variants land near 1e-6.
+AUTOTUNE_VARIANT = ("max-autotune", "auto", "bf16", "none")
+# Largest relative L2 error of a variant's logits against the eager float32 forward: half
+# precision over up to 40 blocks; float32 variants land near 1e-6.
 AGREEMENT_TOLERANCE = 5e-2
 GPU_TEST_FILES = ["tests/test_gpu.py", "tests/test_ms_deform_attn.py", "tests/test_benchmark.py"]
-# Packages the GPU image lacks (its own torch, numpy, scipy, pillow, safetensors, tqdm, pyyaml,
-# tabulate, portalocker and onnxruntime are used); timm is carried to match the pinned one.
+PREPARE_SYNTHETIC = "datasets/prepare_synthetic.py"
+TRAIN_NET = "tools/train_net.py"
+DEMO_CONFIG = "configs/synthetic/eomt_tiny_panoptic.yaml"
+# The scripts the command runs in their own processes (tools/gpu_environment.py checks their
+# imports with this file's).
+GPU_COMMAND_SCRIPTS = [PREPARE_SYNTHETIC, TRAIN_NET]
+
+# The GPU machine's image: its Python and packages (distribution names), read off the device's
+# KINDS.md on 2026-11-17, with the versions it gave.
+GPU_IMAGE_PYTHON = "3.12.3"
+GPU_IMAGE_PACKAGES = frozenset(
+    """
+    absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs
+    botorch build certifi charset-normalizer chex click cloudpickle cmake colorama contourpy
+    coverage cuda-bindings cuda-core cuda-pathfinder cuda-toolkit cupy-cuda13x cycler cython
+    diffrax e3nn einops equinox etils execnet filelock flatbuffers flax fonttools formulaic
+    frozenlist fsspec gpytorch grpcio h11 h5py hf-xet httpcore httpx huggingface-hub humanize
+    hypothesis idna imageio iniconfig interface-meta jax jax-cuda13-pjrt jax-cuda13-plugin
+    jaxlib jaxtyping jinja2 joblib kiwisolver lazy-loader lightning lightning-utilities
+    linear-operator lineax llvmlite lxml markdown markdown-it-py markupsafe matplotlib mdurl
+    meson ml-dtypes mpi4py mpmath msgpack multidict multipledispatch mypy-extensions nanobind
+    narwhals networkx ninja numba numba-cuda numpy numpyro nvidia-cublas nvidia-cuda-cupti
+    nvidia-cuda-nvrtc nvidia-cuda-runtime nvidia-cudnn-cu13 nvidia-cufft nvidia-cufile
+    nvidia-curand nvidia-cusolver nvidia-cusparse nvidia-cusparselt-cu13 nvidia-ml-py
+    nvidia-nccl-cu13 nvidia-nvjitlink nvidia-nvshmem-cu13 nvidia-nvtx onnx onnx-ir onnxruntime
+    onnxscript opencv-python-headless optax opt-einsum opt-einsum-fx optimistix
+    orbax-checkpoint packaging pandas pathspec patsy peft pillow pip pluggy portalocker
+    prometheus-client propcache protobuf psutil pyarrow pybind11 py-cpuinfo pygments pyparsing
+    pyproject-hooks pyre-extensions pytest pytest-benchmark pytest-cov pytest-mock
+    pytest-timeout pytest-xdist python-dateutil pytorch-lightning pyyaml regex requests rich
+    sacrebleu safetensors scikit-build-core scikit-image scikit-learn scipy seaborn
+    sentencepiece sentence-transformers setuptools shellingham simplejson six sortedcontainers
+    statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threadpoolctl
+    tifffile tiktoken timm tokenizers toolz torch torchaudio torchdiffeq torch-geometric
+    torchmetrics torchvision tqdm transformers treescope triton typer typing-extensions
+    typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
+    """.split()
+)
+GPU_IMAGE_VERSIONS = {
+    "numpy": "2.5.2",
+    "onnx": "1.23.1",
+    "onnxruntime": "1.30.0",
+    "safetensors": "0.8.0",
+    "torch": "2.11.0",
+    "torchvision": "0.26.0",
+    "triton": "3.6.0",
+    "transformers": "5.17.0",
+    "huggingface-hub": "1.33.0",
+    "pytorch-lightning": "2.6.6",
+    "torchmetrics": "1.9.0",
+}
+# Packages the GPU image lacks, carried as wheels; timm is carried to match the pinned one.
 GPU_WHEELS = [
     "omegaconf==2.4.0",
     "pycocotools==2.0.11",
@@ -120,6 +183,12 @@ GPU_WHEELS = [
     "yacs==0.1.8",
     "termcolor==3.3.0",
 ]
+# Modules in neither, imported (inside functions) only by features this command never uses.
+MODULES_NOT_NEEDED_ON_GPU = {
+    "cityscapesscripts": "the Cityscapes label table: Cityscapes data and class names only",
+    "pyspng": "faster panoptic PNG decoding; Pillow decodes the same pixels without it",
+    "wandb": "logging to wandb (wandb.enabled=true) only",
+}
 WHEEL_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 STEPS = (
     "environment",
@@ -146,11 +215,11 @@ class Run:
         self.budget_s = budget_s
         self.start = time.perf_counter()
         self.record: dict = {"device": device, "budget_s": budget_s, "steps": {}}
-        # Timing sizes: many forwards on a GPU, a few on the CPU.
+        # Timing sizes: many forwards on a GPU, a few on the CPU; the first compiles.
         self.warmup, self.iterations = (20, 200) if self.cuda else (1, 3)
         # Where the chosen option fails for a model (say bf16 weights in a custom kernel).
         self.fallback_variant = (
-            ("default", "auto", "fp32") if self.cuda else ("none", "auto", "fp32")
+            ("default", "auto", "fp32", "bf16") if self.cuda else ("none", "auto", "fp32", "none")
         )
 
     def elapsed(self) -> float:
@@ -177,9 +246,9 @@ class Run:
         with torch.device(self.device):  # random init on the device: seconds, not minutes
             return build_model(cfg, backbone_weights=False).eval()
 
-    def synchronize(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+
+def paper_fps(name: str) -> float:
+    return paper_row(MODELS[name][1])["fps"]
 
 
 def release_compiled() -> None:
@@ -190,87 +259,63 @@ def release_compiled() -> None:
         torch.cuda.empty_cache()
 
 
-def relative_error(outputs: list[dict], reference: list[dict]) -> float:
-    """Largest ||a - b|| / ||b|| over the final prediction's logits."""
-    got, expected = outputs[-1], reference[-1]
-    return max(
-        float((got[key].float() - expected[key]).norm() / expected[key].norm()) for key in expected
-    )
-
-
-def measure_model(run: Run, model, image_size, variant, batch_size: int = 1) -> dict:
-    """FPS of `model` (a copy is run) with one runtime option, its agreement with the eager
-    float32 forward, peak memory and compile time."""
-    compile_mode, sdpa_backend, weights_dtype = variant
+def measure(run: Run, model, image_size, variant: tuple, batch_size: int = 1) -> dict:
+    """`measure_fps` of a copy of `model` with one runtime option, as the record keeps it; or
+    the variant and the error that stopped it (a kernel a device lacks, a compile failure):
+    one option failing does not end the check."""
     generator = torch.Generator().manual_seed(1)
-    images = torch.rand(batch_size, 3, *image_size, generator=generator)
-    images = images.to(run.device)
-    with torch.no_grad():
-        reference = [{k: v.float() for k, v in p.items()} for p in model(images)]
-    forward = FastForward(copy.deepcopy(model), compile_mode, sdpa_backend, weights_dtype)
-    if run.cuda:
-        torch.cuda.reset_peak_memory_stats(run.device)
+    images = torch.rand(batch_size, 3, *image_size, generator=generator).to(run.device)
     try:
-        with autocast_for(run.device, "bf16"):
-            start = time.perf_counter()
-            with torch.no_grad():
-                outputs = forward(images)
-            run.synchronize()
-            first_forward_s = time.perf_counter() - start
-            times = time_forwards(forward, images, run.warmup, run.iterations)
-        error = relative_error(outputs, reference)
-        median_ms = statistics.median(times)
-        return {
-            "compile_mode": compile_mode,
-            "sdpa_backend": sdpa_backend,
-            "weights_dtype": weights_dtype,
-            "batch_size": batch_size,
-            "fps": round(batch_size * 1000 / median_ms, 2),
-            "median_ms": round(median_ms, 3),
-            "min_ms": round(min(times), 3),
-            "max_ms": round(max(times), 3),
-            "iterations": len(times),
-            "warmup": run.warmup,
-            "first_forward_s": round(first_forward_s, 1),
-            "relative_error": error,
-            "agrees": error < AGREEMENT_TOLERANCE,
-            "peak_memory_mb": round(peak_memory_mb(run.device), 1),
-        }
-    finally:
-        del forward
-        release_compiled()
-
-
-def measure_safely(run: Run, model, image_size, variant, batch_size: int = 1) -> dict:
-    """`measure_model`, or the variant and the error that stopped it (a kernel a device lacks,
-    a compile failure): one option failing does not end the check."""
-    try:
-        return measure_model(run, model, image_size, variant, batch_size)
+        timing = measure_fps(
+            copy.deepcopy(model),
+            images,
+            run.warmup,
+            run.iterations,
+            **dict(zip(RUNTIME_OPTIONS, variant)),
+        )
     except Exception as error:  # recorded, not raised: the other variants still run
-        release_compiled()
         return {"variant": list(variant), "error": f"{type(error).__name__}: {error}"[:500]}
+    finally:
+        release_compiled()
+    return {
+        **{key: timing[key] for key in (*RUNTIME_OPTIONS, "precision")},
+        "batch_size": batch_size,
+        "fps": round(batch_size * timing["forwards_per_second"], 2),
+        "median_ms": round(timing["median_ms"], 3),
+        "min_ms": round(timing["min_ms"], 3),
+        "max_ms": round(timing["max_ms"], 3),
+        "iterations": timing["iterations"],
+        "warmup": timing["warmup"],
+        "first_forward_s": round(timing["first_forward_s"], 1),
+        "relative_error": timing["relative_error"],
+        "agrees": timing["relative_error"] < AGREEMENT_TOLERANCE,
+        "peak_memory_mb": round(timing["peak_memory_mb"], 1),
+    }
+
+
+def variant_of(measured: dict) -> tuple:
+    return tuple(measured[key] for key in RUNTIME_OPTIONS)
 
 
 def best_variant(run: Run) -> tuple:
-    """The fastest agreeing variant of the fast_path step (else eager with autocast)."""
+    """The fastest agreeing variant of the fast_path step (else the fallback)."""
     measured = run.record["steps"].get("fast_path", {}).get("variants", [])
     agreeing = [m for m in measured if m.get("agrees")]
     if not run.cuda:  # the dry run compiles once, in fast_path: compiling on a CPU takes minutes
         agreeing = [m for m in agreeing if m["compile_mode"] == "none"]
     if not agreeing:
         return run.fallback_variant
-    fastest = max(agreeing, key=lambda m: m["fps"])
-    return fastest["compile_mode"], fastest["sdpa_backend"], fastest["weights_dtype"]
+    return variant_of(max(agreeing, key=lambda m: m["fps"]))
 
 
 def fps_entry(run: Run, name: str, variants: list[tuple]) -> dict:
     """One row of the FPS table: the first of `variants` that runs and agrees."""
     cfg = run.cfg(name)
     model = run.build(cfg)
-    entry = {"config": MODELS[name][0], "paper_fps": MODELS[name][1]}
+    entry = {"config": MODELS[name][0], "paper_fps": paper_fps(name)}
     entry["params"] = count_parameters(model)
     for variant in variants:
-        result = measure_safely(run, model, cfg.input.image_size, variant)
+        result = measure(run, model, cfg.input.image_size, variant)
         entry.setdefault("tried", []).append(result)
         if result.get("agrees"):
             entry.update(result)
@@ -339,7 +384,7 @@ def step_tests(run: Run) -> dict:
     return {
         "command": " ".join(command[2:] + GPU_TEST_FILES),
         "returncode": done.returncode,
-        "summary": lines[-1] if lines else "",
+        "summary": lines[-1] if lines else done.stderr[-300:],
         "failures": [line for line in lines if line.startswith(("FAILED", "ERROR"))],
     }
 
@@ -353,7 +398,7 @@ def step_fast_path(run: Run, variants=None) -> dict:
         if run.out_of_time():
             results.append({"variant": list(variant), "skipped": "time budget"})
             continue
-        results.append(measure_safely(run, model, cfg.input.image_size, variant))
+        results.append(measure(run, model, cfg.input.image_size, variant))
         print(f"  {name} {variant}: {json.dumps(results[-1])}", flush=True)
     return {"model": name, "config": MODELS[name][0], "variants": results}
 
@@ -390,14 +435,14 @@ def step_batched(run: Run) -> dict:
         if run.out_of_time():
             result["batches"].append({"batch_size": batch_size, "skipped": "time budget"})
             continue
-        measured = measure_safely(run, model, (height, width), best_variant(run), batch_size)
+        measured = measure(run, model, (height, width), best_variant(run), batch_size)
         if "fps" in measured:
-            # fvcore counts multiply-adds: 2 FLOPs each, as the matmul rate counts them.
-            achieved = measured["fps"] * 2 * flops / 1e12
+            achieved = achieved_tflops(measured["fps"], flops)
             measured["images_per_second"] = measured.pop("fps")
             measured["achieved_tflops"] = float(f"{achieved:.3g}")
             if ceiling:
-                measured["share_of_matmul_ceiling"] = round(achieved / ceiling, 3)
+                # Significant figures: a CPU dry run's share is far below 0.001.
+                measured["share_of_matmul_ceiling"] = float(f"{achieved / ceiling:.3g}")
         result["batches"].append(measured)
     return result
 
@@ -425,12 +470,11 @@ def step_demo(run: Run) -> dict:
     data = work / "synthetic"
     counts = [] if run.cuda else ["--num-train", "16", "--num-val", "4"]
     iterations = 600 if run.cuda else 4
-    python = [sys.executable]
     timeout = max(run.budget_s - run.elapsed(), 60)
     start = time.perf_counter()
     try:
         subprocess.run(
-            [*python, "datasets/prepare_synthetic.py", "--output", str(data), *counts],
+            [sys.executable, PREPARE_SYNTHETIC, "--output", str(data), *counts],
             cwd=REPO,
             check=True,
             capture_output=True,
@@ -443,13 +487,7 @@ def step_demo(run: Run) -> dict:
         if run.cuda:
             overrides += ["dataloader.num_workers=4", "solver.amp=bf16"]
         trained = subprocess.run(
-            [
-                *python,
-                "tools/train_net.py",
-                "--config-file",
-                "configs/synthetic/eomt_tiny_panoptic.yaml",
-                *overrides,
-            ],
+            [sys.executable, TRAIN_NET, "--config-file", DEMO_CONFIG, *overrides],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -505,7 +543,39 @@ def step_onnx(run: Run) -> dict:
 STEP_FUNCTIONS = {name: globals()[f"step_{name}"] for name in STEPS}
 
 
+def step_failures(result) -> list[str]:
+    """Why a step's record (or a part of it) failed: an error anywhere in it, an option whose
+    outputs disagree with the eager float32 forward, an FPS row no option ran for, failing
+    GPU tests, a demo whose loss did not fall; [] when it did not."""
+    if isinstance(result, list):
+        return [why for item in result for why in step_failures(item)]
+    if not isinstance(result, dict):
+        return []
+    found = []
+    if "error" in result:
+        found.append(f"error: {str(result['error']).strip()[:200]}")
+    if result.get("agrees") is False:
+        found.append(f"{result['precision']}: relative error {result['relative_error']:.2g}")
+    if "tried" in result and "fps" not in result:  # the tries' own errors stay there
+        found.append("no option ran and agreed")
+    if result.get("returncode", 0) != 0:
+        found.append(f"pytest exit status {result['returncode']}: {result.get('summary')}")
+    if result.get("loss_fell") is False:
+        found.append("the loss did not fall")
+    for key, value in result.items():
+        if key != "tried":  # a failed try before an agreeing one is the fallback working
+            found += step_failures(value)
+    return found
+
+
 # -- report -------------------------------------------------------------------------------------
+
+
+def step_outcome(result: dict) -> str:
+    if "skipped" in result:
+        return f"skipped: {result['skipped']}"
+    failures = step_failures(result)
+    return "FAILED: " + "; ".join(failures)[:300] if failures else "ok"
 
 
 def summary_table(record: dict) -> str:
@@ -523,7 +593,8 @@ def summary_table(record: dict) -> str:
     rows = {}
     fast = [m for m in steps.get("fast_path", {}).get("variants", []) if m.get("agrees")]
     if fast:
-        rows["EoMT-L 640"] = {**max(fast, key=lambda m: m["fps"]), "paper_fps": 128}
+        best = max(fast, key=lambda m: m["fps"])
+        rows["EoMT-L 640"] = {**best, "paper_fps": paper_fps("EoMT-L 640")}
     for step in ("headline", "table"):
         rows.update({k: v for k, v in steps.get(step, {}).items() if isinstance(v, dict)})
     for name, row in rows.items():
@@ -531,14 +602,17 @@ def summary_table(record: dict) -> str:
             why = row.get("skipped") or row.get("error") or "no agreeing option"
             lines.append(f"| {name} | {why[:60]} | | | | | |")
             continue
-        option = f"{row['compile_mode']}, {row['sdpa_backend']}, {row['weights_dtype']} weights"
+        option = f"{row['compile_mode']}, {row['sdpa_backend']}, {row['precision']}"
         ratio = row["fps"] / row["paper_fps"]
         lines.append(
             f"| {name} | {row['fps']:.1f} | {row['paper_fps']} | {ratio:.2f} | "
             f"{row['median_ms']:.2f} | {row['peak_memory_mb']:.0f} | {option} |"
         )
     if "eomt_over_m2f" in steps.get("headline", {}):
-        lines.append(f"\nEoMT-L / M2F-L 640: {steps['headline']['eomt_over_m2f']}x (paper 4.4x)")
+        paper = paper_fps("EoMT-L 640") / paper_fps("M2F-L 640")
+        lines.append(
+            f"\nEoMT-L / M2F-L 640: {steps['headline']['eomt_over_m2f']}x (paper {paper:.1f}x)"
+        )
     matmul = steps.get("matmul", {})
     if "tflops" in matmul:
         lines.append(f"matmul {matmul['dtype']} {matmul['size']}^3: {matmul['tflops']:.3g} TFLOP/s")
@@ -546,8 +620,8 @@ def summary_table(record: dict) -> str:
         if "images_per_second" in batch:
             share = batch.get("share_of_matmul_ceiling")
             lines.append(
-                f"EoMT-L 640 batch {batch['batch_size']}: {batch['images_per_second']:.1f} "
-                f"images/s, {batch['achieved_tflops']} TFLOP/s"
+                f"EoMT-L 640 batch {batch['batch_size']} ({batch['precision']}): "
+                f"{batch['images_per_second']:.1f} images/s, {batch['achieved_tflops']} TFLOP/s"
                 + (f" = {100 * share:.1f}% of the matmul rate" if share else "")
             )
     training = steps.get("training", {})
@@ -561,18 +635,24 @@ def summary_table(record: dict) -> str:
     for name in ("tests", "demo", "onnx"):
         if name in steps:
             lines.append(f"{name}: {json.dumps(steps[name])[:300]}")
+    lines += ["", "| Step | seconds | outcome |", "|---|---|---|"]
+    for name, result in steps.items():
+        lines.append(f"| {name} | {result.get('step_seconds', '')} | {step_outcome(result)} |")
+    failed = record.get("failed_steps", [])
+    lines.append(f"\nFAILED steps: {', '.join(failed)}" if failed else "\nNo step failed.")
     return "\n".join(lines)
 
 
 def build_wheels(folder: Path) -> None:
-    """Download (or build, for pure-Python source releases) GPU_WHEELS for CPython 3.12 on
-    x86-64 Linux into `folder`."""
+    """Download (or build, for pure-Python source releases) GPU_WHEELS for the GPU image's
+    CPython on x86-64 Linux into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     platforms = [arg for p in WHEEL_PLATFORMS for arg in ("--platform", p)]
+    python_version = ".".join(GPU_IMAGE_PYTHON.split(".")[:2])
     for requirement in GPU_WHEELS:
         download = [*pip, "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(folder)]
-        download += ["--python-version", "3.12", "--implementation", "cp", *platforms]
+        download += ["--python-version", python_version, "--implementation", "cp", *platforms]
         if subprocess.run([*download, requirement], capture_output=True).returncode != 0:
             subprocess.run(
                 [*pip, "wheel", "-q", "--no-deps", "-w", str(folder), requirement], check=True
@@ -588,7 +668,7 @@ def parse_args(argv=None):
     parser.add_argument("--output", default="output/gpu_check", help="folder of gpu_check.json")
     parser.add_argument("--steps", default=",".join(STEPS), help="comma-separated subset")
     parser.add_argument(
-        "--budget-s", type=float, help="start nothing after this (default: 420 cuda, 100 cpu)"
+        "--budget-s", type=float, help="start nothing after this (default: 420 cuda, 300 cpu)"
     )
     parser.add_argument("--build-wheels", metavar="DIR", help="only build the wheels, here")
     args = parser.parse_args(argv)
@@ -596,17 +676,20 @@ def parse_args(argv=None):
     if unknown:
         parser.error(f"--steps: unknown {sorted(unknown)}; the steps are {', '.join(STEPS)}")
     if args.budget_s is None:
-        args.budget_s = 420.0 if args.device == "cuda" else 100.0
+        args.budget_s = 420.0 if args.device == "cuda" else 300.0
     return args
 
 
 def main(args) -> dict:
+    """Runs the steps, then prints the table; returns the record, whose `failed_steps` names
+    the steps that failed."""
     if args.build_wheels:
         build_wheels(Path(args.build_wheels))
         return {}
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device here; the dry run is --device cpu")
     run = Run(args.device, Path(args.output), args.budget_s)
+    run.record["failed_steps"] = []
     wanted = args.steps.split(",")
     for name in STEPS:
         if name not in wanted:
@@ -622,11 +705,18 @@ def main(args) -> dict:
             result = {"error": f"{type(error).__name__}: {error}"[:1000]}
         result["step_seconds"] = round(time.perf_counter() - start, 1)
         run.record["steps"][name] = result
+        if step_failures(result):
+            run.record["failed_steps"].append(name)
         run.save()
     run.save()
     print(summary_table(run.record), flush=True)
     return run.record
 
 
+def exit_status(record: dict) -> int:
+    """1 when a step failed, else 0."""
+    return 1 if record.get("failed_steps") else 0
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    sys.exit(exit_status(main(parse_args())))

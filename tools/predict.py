@@ -19,7 +19,7 @@ import sys
 
 from eomt.data import BadSampleError
 from eomt.predictor import Predictor, find_images, read_coco_images, write_predictions
-from eomt.runtime import add_runtime_arguments
+from eomt.runtime import add_runtime_arguments, check_runtime_arguments
 
 
 def _int_at_least(minimum: int):
@@ -92,8 +92,12 @@ def parse_args(argv=None):
         "it), or is left out and listed in skipped_images.txt",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_runtime_arguments(parser)
-    return parser.parse_args(argv)
+    add_runtime_arguments(
+        parser, "the checkpoint's solver.amp on CUDA with fp32 weights; else none"
+    )
+    args = parser.parse_args(argv)
+    check_runtime_arguments(parser, args)
+    return args
 
 
 def main(args) -> None:
@@ -106,6 +110,7 @@ def main(args) -> None:
         compile_mode=args.compile,
         sdpa_backend=args.sdpa_backend,
         weights_dtype=args.weights_dtype,
+        autocast=args.autocast,
     )
     if args.coco_json:
         paths, images = read_coco_images(args.coco_json, args.input)
@@ -124,7 +129,9 @@ def main(args) -> None:
         bad_images=args.bad_images,
         images=images,
     )
-    print(f"{len(paths)} images -> {args.output} ({', '.join(written) or 'per-image files'})")
+    files = ", ".join(written) or "per-image files"
+    precision = predictor.forward.describe()["precision"]
+    print(f"{len(paths)} images -> {args.output} ({files}); the model ran in {precision}")
 
 
 if __name__ == "__main__":

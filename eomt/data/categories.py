@@ -6,8 +6,6 @@ COCO's categories come from its JSON files.
 
 import colorsys
 
-from cityscapesscripts.helpers.labels import labels as CITYSCAPES_LABELS
-
 # The 150 classes of the ADE20K scene-parsing benchmark (ADEChallengeData2016), in the order of
 # its objectInfo150 table: pixel value v of an annotation PNG is ADE20K_150_NAMES[v - 1], 0 is
 # unlabelled. Short names as in the Mask2Former/EoMT class lists.
@@ -92,13 +90,21 @@ def ade20k_categories(with_things: bool) -> list[dict]:
     ]
 
 
+def cityscapes_labels() -> list:
+    """The Cityscapes label table (cityscapesscripts): imported only where Cityscapes is used,
+    the package runs without it (the GPU machine has none)."""
+    from cityscapesscripts.helpers.labels import labels
+
+    return labels
+
+
 def cityscapes_categories() -> list[dict]:
     """The 19 Cityscapes training classes in train-id order; id is the Cityscapes label id.
 
     All are marked stuff, as suits semantic targets (one mask per class).
     """
     train_labels = sorted(
-        (label for label in CITYSCAPES_LABELS if 0 <= label.trainId < 255),
+        (label for label in cityscapes_labels() if 0 <= label.trainId < 255),
         key=lambda label: label.trainId,
     )
     return [
@@ -110,7 +116,7 @@ def cityscapes_categories() -> list[dict]:
 def cityscapes_label_lut() -> list[int]:
     """Train id (0..18, 255 = ignored) of each label id 0..255 of a gtFine labelIds PNG."""
     lut = [255] * 256
-    for label in CITYSCAPES_LABELS:
+    for label in cityscapes_labels():
         if 0 <= label.id < 256 and 0 <= label.trainId < 255:
             lut[label.id] = label.trainId
     return lut
@@ -122,7 +128,7 @@ def cityscapes_category_classes() -> list[dict]:
     8-category comparisons (Cityscapes' own category score leaves it out). Each takes the
     colour of its first label."""
     first = {}
-    for label in CITYSCAPES_LABELS:
+    for label in cityscapes_labels():
         if label.id >= 0:
             first.setdefault(label.categoryId, label)
     return [
@@ -134,7 +140,7 @@ def cityscapes_category_classes() -> list[dict]:
 def cityscapes_category_lut() -> list[int]:
     """Category id (0..7, 255 for values no label has) of each label id of a labelIds PNG."""
     lut = [255] * 256
-    for label in CITYSCAPES_LABELS:
+    for label in cityscapes_labels():
         if 0 <= label.id < 256:
             lut[label.id] = label.categoryId
     return lut

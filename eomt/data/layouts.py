@@ -13,12 +13,12 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from eomt.data.categories import (
-    CITYSCAPES_LABELS,
     ade20k_categories,
     cityscapes_categories,
     cityscapes_category_classes,
     cityscapes_category_lut,
     cityscapes_label_lut,
+    cityscapes_labels,
     distinct_color,
 )
 from eomt.data.coco_instance import COCOInstanceDataset
@@ -207,19 +207,21 @@ def _ade20k_semantic(found: dict[str, DataPath], transforms, bad_samples="stop")
     )
 
 
-def _cityscapes(categories: list[dict], label_lut: list[int], what: str):
-    """A reader of Cityscapes' labelIds PNGs mapped through `label_lut` to `categories`."""
+def _cityscapes(categories: Callable[[], list[dict]], label_lut: Callable[[], list[int]], what):
+    """A reader of Cityscapes' labelIds PNGs mapped through `label_lut()` to `categories()`,
+    read from the Cityscapes label table when a reader is built (cityscapesscripts is needed
+    for Cityscapes only)."""
 
     def read(found: dict[str, DataPath], transforms, bad_samples="stop") -> Dataset:
         return SemanticDataset(
             found["images"],
             found["masks"],
-            categories,
+            categories(),
             image_suffix="_leftImg8bit.png",
             label_suffix="_gtFine_labelIds.png",
             transforms=transforms,
-            label_lut=label_lut,
-            known_values=[label.id for label in CITYSCAPES_LABELS if label.id >= 0],
+            label_lut=label_lut(),
+            known_values=[label.id for label in cityscapes_labels() if label.id >= 0],
             bad_samples=bad_samples,
             categories_source=f"the {what} of the Cityscapes label table (cityscapesscripts)",
         )
@@ -227,10 +229,10 @@ def _cityscapes(categories: list[dict], label_lut: list[int], what: str):
     return read
 
 
-_cityscapes_semantic = _cityscapes(cityscapes_categories(), cityscapes_label_lut(), "train ids")
+_cityscapes_semantic = _cityscapes(cityscapes_categories, cityscapes_label_lut, "train ids")
 # The same files labelled with the 8 categories.
 _cityscapes_category_semantic = _cityscapes(
-    cityscapes_category_classes(), cityscapes_category_lut(), "categories"
+    cityscapes_category_classes, cityscapes_category_lut, "categories"
 )
 
 

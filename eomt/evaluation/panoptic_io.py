@@ -7,12 +7,12 @@ also has ``iscrowd`` (and usually ``area`` and ``bbox``). By convention the PNGs
 lie in the folder ``name/``.
 """
 
+import functools
 import io
 import json
 from pathlib import Path
 
 import numpy as np
-import pyspng
 from PIL import Image
 
 MAX_SEGMENT_ID = 256**3 - 1
@@ -40,23 +40,42 @@ def id_to_rgb(segment_map: np.ndarray) -> np.ndarray:
     return np.stack(channels, axis=-1).astype(np.uint8)
 
 
+@functools.cache
+def libspng():
+    """The pyspng module where it is installed (not on the GPU machine), else None."""
+    try:
+        import pyspng
+    except ImportError:
+        return None
+    return pyspng
+
+
 def read_panoptic_png(path: str | Path) -> np.ndarray:
-    """Segment ids (H, W) uint32 of a panoptic PNG (its first three channels, as the COCO API)."""
+    """Segment ids (H, W) uint32 of a panoptic PNG (its first three channels, as the COCO API).
+
+    8-bit RGB(A) PNGs are decoded by libspng (pyspng) where installed, twice as fast as
+    Pillow, which decodes the same pixels where it is not.
+    """
     if not Path(path).is_file():
         raise FileNotFoundError(f"panoptic PNG not found: {path}")
     data = Path(path).read_bytes()
+    spng = libspng()
     # IHDR, the first chunk, gives the bit depth (byte 24) and colour type (byte 25).
-    if data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and data[24:26] in EIGHT_BIT_RGB:
-        # libspng decodes these twice as fast as Pillow. As RGBA a pixel is 4 bytes whose low
-        # three, read as a little-endian uint32, are its id: no per-channel temporaries.
+    eight_bit_rgb = data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR"
+    if spng is not None and eight_bit_rgb and data[24:26] in EIGHT_BIT_RGB:
+        # As RGBA a pixel is 4 bytes whose low three, read as a little-endian uint32, are its
+        # id: no per-channel temporaries.
         try:
-            ids = pyspng.load(data, "RGBA").view("<u4")[..., 0]
+            ids = spng.load(data, "RGBA").view("<u4")[..., 0]
         except RuntimeError as error:
             raise ValueError(f"{path}: {error}") from error
         ids &= 0xFFFFFF
         return ids
-    with Image.open(io.BytesIO(data)) as png:
-        rgb = np.asarray(png)
+    try:
+        with Image.open(io.BytesIO(data)) as png:
+            rgb = np.asarray(png)
+    except OSError as error:  # a truncated or corrupt file
+        raise ValueError(f"{path}: {error}") from error
     if rgb.ndim != 3 or rgb.shape[2] < 3:
         raise ValueError(f"{path}: expected an RGB panoptic PNG, got an array of shape {rgb.shape}")
     return rgb_to_id(rgb[..., :3])
