@@ -1,4 +1,5 @@
-"""tools/gpu_check.py: its CPU dry run (every step at tiny sizes) and its wheel step."""
+"""tools/gpu_check.py (the steps of eomt/gpu_check.py): its CPU dry run (every step at tiny
+sizes) and its wheel step."""
 
 import json
 import subprocess
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from eomt import gpu_check as checks
 from tools import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,21 +34,21 @@ def dry_run(tmp_path_factory):
 def test_every_step_runs_without_error(dry_run):
     record, done = dry_run
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert list(record["steps"]) == list(gpu_check.STEPS)
+    assert list(record["steps"]) == list(checks.STEPS)
     for name, result in record["steps"].items():
         assert "error" not in result, (name, result)
         assert "skipped" not in result or name == "autotune", (name, result)
     assert record["steps"]["tests"]["returncode"] == 0
     assert record["failed_steps"] == []
     steps_table = done.stdout[done.stdout.index("| Step | seconds | outcome |") :]
-    assert all(f"| {name} | " in steps_table for name in gpu_check.STEPS)
+    assert all(f"| {name} | " in steps_table for name in checks.STEPS)
     assert "FAILED" not in steps_table and "No step failed." in steps_table
 
 
 def test_fast_path_options_agree_with_eager_float32(dry_run):
     record, _ = dry_run
-    variants = {gpu_check.variant_of(v): v for v in record["steps"]["fast_path"]["variants"]}
-    assert set(variants) == set(gpu_check.FAST_PATH_VARIANTS["cpu"])
+    variants = {checks.variant_of(v): v for v in record["steps"]["fast_path"]["variants"]}
+    assert set(variants) == set(checks.FAST_PATH_VARIANTS["cpu"])
     assert all(v["agrees"] and v["fps"] > 0 for v in variants.values())
     # float32 paths (torch.compile among them) compute the eager function to rounding; half
     # weights and bf16 autocast differ by more than rounding but within half precision.
@@ -55,7 +57,7 @@ def test_fast_path_options_agree_with_eager_float32(dry_run):
         if (weights_dtype, autocast) == ("fp32", "none"):
             assert precision == "fp32" and variant["relative_error"] < 1e-5
         else:
-            assert 1e-4 < variant["relative_error"] < gpu_check.AGREEMENT_TOLERANCE, precision
+            assert 1e-4 < variant["relative_error"] < checks.AGREEMENT_TOLERANCE, precision
     assert variants["none", "auto", "fp32", "bf16"]["precision"] == "fp32 weights + bf16 autocast"
     assert variants["none", "auto", "fp16", "none"]["precision"] == "fp16 weights"
 
@@ -65,7 +67,7 @@ def test_fps_table_training_batched_demo_and_onnx_are_measured(dry_run):
     stdout = done.stdout
     steps = record["steps"]
     rows = {**steps["headline"], **steps["table"]}
-    assert set(gpu_check.MODELS) - set(rows) == {"EoMT-L 640"}  # in fast_path
+    assert set(checks.MODELS) - set(rows) == {"EoMT-L 640"}  # in fast_path
     for name, row in rows.items():
         if isinstance(row, dict):
             assert row["agrees"] and row["fps"] > 0 and row["paper_fps"] > 0, name
@@ -81,14 +83,14 @@ def test_fps_table_training_batched_demo_and_onnx_are_measured(dry_run):
     assert steps["onnx"]["fp16"]["max_abs_difference"] < 5e-2
     # The table comes last, with a row per model.
     table = stdout[stdout.index("| Model (batch 1) |") :]
-    assert all(f"| {name} | " in table for name in gpu_check.MODELS)
+    assert all(f"| {name} | " in table for name in checks.MODELS)
     assert "EoMT-L / M2F-L 640" in table and "CPU dry run at tiny sizes" in stdout
 
 
 def test_paper_fps_come_from_paper_results():
-    assert gpu_check.paper_fps("EoMT-L 640") == 128 and gpu_check.paper_fps("M2F-L 640") == 29
-    assert gpu_check.paper_fps("EoMT-L 1280") == 30
-    assert all(gpu_check.paper_fps(name) > 0 for name in gpu_check.MODELS)
+    assert checks.paper_fps("EoMT-L 640") == 128 and checks.paper_fps("M2F-L 640") == 29
+    assert checks.paper_fps("EoMT-L 1280") == 30
+    assert all(checks.paper_fps(name) > 0 for name in checks.MODELS)
 
 
 def test_a_failed_step_is_named_and_sets_the_exit_status(tmp_path, monkeypatch, capsys):
@@ -100,7 +102,7 @@ def test_a_failed_step_is_named_and_sets_the_exit_status(tmp_path, monkeypatch, 
     def broken(run):
         raise RuntimeError("no such kernel")
 
-    monkeypatch.setitem(gpu_check.STEP_FUNCTIONS, "matmul", broken)
+    monkeypatch.setitem(checks.STEP_FUNCTIONS, "matmul", broken)
     record = gpu_check.main(gpu_check.parse_args(argv))
     assert record["failed_steps"] == ["matmul"] and gpu_check.exit_status(record) == 1
     table = capsys.readouterr().out
@@ -114,19 +116,19 @@ def test_a_failed_step_is_named_and_sets_the_exit_status(tmp_path, monkeypatch, 
 def test_what_counts_as_a_failed_step():
     agreeing = {"precision": "bf16 weights", "relative_error": 1e-3, "agrees": True, "fps": 9}
     disagreeing = {**agreeing, "relative_error": 0.3, "agrees": False}
-    assert gpu_check.step_failures({"variants": [agreeing, {"skipped": "time budget"}]}) == []
-    assert gpu_check.step_failures({"variants": [agreeing, disagreeing]}) == [
+    assert checks.step_failures({"variants": [agreeing, {"skipped": "time budget"}]}) == []
+    assert checks.step_failures({"variants": [agreeing, disagreeing]}) == [
         "bf16 weights: relative error 0.3"
     ]
     # A failed try before an agreeing one is the fallback at work; no agreeing try fails.
     tried = [{"variant": [], "error": "OutOfMemoryError"}]
-    assert gpu_check.step_failures({"M2F-L 640": {**agreeing, "tried": tried}}) == []
-    assert gpu_check.step_failures({"M2F-L 640": {"tried": tried}}) == ["no option ran and agreed"]
-    assert gpu_check.step_failures({"returncode": 1, "summary": "1 failed"}) == [
+    assert checks.step_failures({"M2F-L 640": {**agreeing, "tried": tried}}) == []
+    assert checks.step_failures({"M2F-L 640": {"tried": tried}}) == ["no option ran and agreed"]
+    assert checks.step_failures({"returncode": 1, "summary": "1 failed"}) == [
         "pytest exit status 1: 1 failed"
     ]
-    assert gpu_check.step_failures({"loss_fell": False}) == ["the loss did not fall"]
-    assert gpu_check.step_failures({"EoMT-g 640": {"error": "killed"}}) == ["error: killed"]
+    assert checks.step_failures({"loss_fell": False}) == ["the loss did not fall"]
+    assert checks.step_failures({"EoMT-g 640": {"error": "killed"}}) == ["error: killed"]
 
 
 def test_a_step_past_the_budget_is_recorded_as_skipped(tmp_path):

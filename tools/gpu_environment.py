@@ -26,6 +26,7 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
+from eomt import gpu_check as checks
 from tools import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def local_file(module: str, importer: Path) -> Path | None:
 def gpu_command_files() -> list[Path]:
     """The package's files and the GPU command's, with the repository files they import."""
     start = [REPO / "tools/gpu_check.py", REPO / "tests/conftest.py"]
-    start += [REPO / p for p in [*gpu_check.GPU_COMMAND_SCRIPTS, *gpu_check.GPU_TEST_FILES]]
+    start += [REPO / p for p in [*checks.GPU_COMMAND_SCRIPTS, *checks.GPU_TEST_FILES]]
     start += sorted((REPO / "eomt").rglob("*.py"))
     files, queue = set(), list(start)
     while queue:
