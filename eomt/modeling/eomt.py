@@ -104,6 +104,23 @@ class MaskTransformer(nn.Module):
         for i, p in enumerate(probs):
             self.attn_mask_probs[i] = float(p)  # a fill with a scalar: no copy from the host
 
+    def decode(self, x: torch.Tensor, norm: nn.Module, **block_kwargs) -> list[dict]:
+        """Tokens [prefix, patches] -> predictions: the queries join them, then pass the query
+        blocks; while masked attention is active each block attends within the masks of the
+        prediction made before it (kept, as the loss supervises it), then the final one."""
+        x = torch.cat((self.queries.weight.expand(x.shape[0], -1, -1), x), dim=1)
+        masked = self.masked_attn_active
+        predictions = []
+        for block, prob in zip(self.query_blocks, self.attn_mask_probs):
+            attn_mask = None
+            if masked:
+                prediction = self.predict(norm(x))
+                predictions.append(prediction)
+                attn_mask = self.attention_mask(prediction["mask_logits"], prob)
+            x = block(x, attn_mask=attn_mask, **block_kwargs)
+        predictions.append(self.predict(norm(x)))
+        return predictions
+
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised tokens [queries, prefix, patches] -> class and mask logits per query."""
         queries = x[:, : self.num_queries]
@@ -183,15 +200,4 @@ class EoMT(MaskTransformer):
         block_kwargs = {} if rope is None else {"rope": rope}
         for block in self.backbone.blocks[: len(self.backbone.blocks) - self.num_query_blocks]:
             x = block(x, **block_kwargs)
-        x = torch.cat((self.queries.weight.expand(x.shape[0], -1, -1), x), dim=1)
-        masked = self.masked_attn_active
-        predictions = []
-        for block, prob in zip(self.query_blocks, self.attn_mask_probs):
-            attn_mask = None
-            if masked:
-                prediction = self.predict(self.backbone.norm(x))
-                predictions.append(prediction)
-                attn_mask = self.attention_mask(prediction["mask_logits"], prob)
-            x = block(x, attn_mask=attn_mask, **block_kwargs)
-        predictions.append(self.predict(self.backbone.norm(x)))
-        return predictions
+        return self.decode(x, self.backbone.norm, **block_kwargs)

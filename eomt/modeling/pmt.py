@@ -127,16 +127,4 @@ class PMT(MaskTransformer):
         ):
             feature = norm(feature.transpose(1, 2)).transpose(1, 2)
             fused.append((feature + mlp(feature)) * scale)
-        x = torch.stack(fused).sum(0)
-        x = torch.cat((self.queries.weight.expand(x.shape[0], -1, -1), x), dim=1)
-        masked = self.masked_attn_active
-        predictions = []
-        for block, prob in zip(self.blocks, self.attn_mask_probs):
-            attn_mask = None
-            if masked:
-                prediction = self.predict(self.decoder_norm(x))
-                predictions.append(prediction)
-                attn_mask = self.attention_mask(prediction["mask_logits"], prob)
-            x = block(x, rope=rope, attn_mask=attn_mask)
-        predictions.append(self.predict(self.decoder_norm(x)))
-        return predictions
+        return self.decode(torch.stack(fused).sum(0), self.decoder_norm, rope=rope)
