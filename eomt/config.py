@@ -5,6 +5,8 @@ typo, and the error names it with the closest valid keys.
 """
 
 import difflib
+import hashlib
+import json
 from pathlib import Path
 
 import yaml
@@ -213,6 +215,17 @@ def get_cfg(
     cfg = OmegaConf.create(_unflatten(values))
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+def config_digest(path: str | Path | None, overrides: list[str]) -> str:
+    """A digest of what a config file (with its bases) and overrides set, the defaults left
+    out: editing the file or an override changes it, a release that adds a key does not."""
+    valid = _flatten(_read_yaml(DEFAULTS_FILE))
+    values = _load_file(Path(path), valid) if path is not None else {}
+    for key, value in map(parse_override, overrides):
+        _assign(values, key, value, valid, "override")
+    text = json.dumps(values, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def cfg_from_dict(data: dict | DictConfig) -> DictConfig:

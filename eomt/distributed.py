@@ -31,11 +31,19 @@ def is_main() -> bool:
 
 
 def device():
-    """The torch.device of this process: its GPU (LOCAL_RANK) or the CPU."""
+    """The torch.device of this process: its GPU (LOCAL_RANK) or the CPU. A process given GPUs
+    (CUDA_VISIBLE_DEVICES names some) that sees none stops, rather than run on the CPU."""
     import torch
 
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if visible and visible != "-1":
+        raise RuntimeError(
+            f"CUDA_VISIBLE_DEVICES={visible} gives this process GPUs, but PyTorch sees none "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}): stopping rather "
+            "than training on the CPU"
+        )
     return torch.device("cpu")
 
 

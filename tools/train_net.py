@@ -9,6 +9,7 @@ Multi-node: start one process per GPU with torchrun (it sets WORLD_SIZE, RANK, L
 """
 
 import argparse
+import sys
 
 from eomt.config import get_cfg
 from eomt.distributed import launch
@@ -51,4 +52,7 @@ def main(args) -> None:
 
 if __name__ == "__main__":
     args = parse_args()
-    launch(main, args.num_gpus, (args,))
+    try:
+        launch(main, args.num_gpus, (args,))
+    except (ValueError, FileNotFoundError, FileExistsError) as error:  # ConfigError included
+        sys.exit(f"error: {error}")

@@ -15,6 +15,7 @@ cover fewer images than the step; the run says so at its start.
 import json
 import math
 import os
+import re
 import shutil
 import time
 import warnings
@@ -53,6 +54,10 @@ from eomt.weights import (
 from eomt.weights.files import read_checkpoint
 
 RANDOM_WEIGHTS = "random"  # model.weights: no checkpoint, on purpose
+# Written last by a run that ended: training reached its final iteration and the final
+# evaluation is in results.json (or an --eval-only run's evaluation is); removed when one starts.
+FINISHED = "finished.json"
+EVALUATIONS = "evaluations"  # the periodic evaluations' results, one file per iteration
 
 
 def fit_num_classes(cfg, dataset) -> None:
@@ -104,6 +109,7 @@ class Trainer:
         self.iteration = 0
         self.skipped_steps = 0  # with solver.nonfinite_loss=skip
         self.resumed = False
+        self.resumed_from: Path | None = None
         self._tensorboard = None  # logging.tensorboard: the SummaryWriter of train()
         # The evaluation split is read first: it names the classes (model.num_classes 0), and
         # a model that cannot be scored on it stops here, not after training.
@@ -218,7 +224,7 @@ class Trainer:
                 problems.append(str(error))
                 continue
             self.load_state_dict(state, str(path))
-            self.resumed = True
+            self.resumed, self.resumed_from = True, path
             if dist.is_main():
                 print(f"resumed from {path} at iteration {self.iteration}")
             return True
@@ -234,7 +240,9 @@ class Trainer:
 
     def eval_only(self, resume: bool = False) -> dict:
         """Evaluate the newest checkpoint of the output dir (`resume`) or model.weights; a
-        model that loaded neither is evaluated only when asked for (model.weights random)."""
+        model that loaded neither is evaluated only when asked for (model.weights random).
+        The run's folder gets what a training run's does: config.yaml, the evaluation in
+        metrics.jsonl and results.json, and finished.json naming what was evaluated."""
         weights = self.cfg.model.weights
         if resume:
             if not self.resume():
@@ -249,7 +257,12 @@ class Trainer:
             print(
                 "evaluating the initialised model, without trained weights (model.weights=random)"
             )
-        return self.test()
+        self._start_run()
+        evaluated = str(self.resumed_from) if resume else weights
+        results = self.test(self.output_dir / "metrics.jsonl", final=True)
+        iteration = self.iteration if resume else checkpoint_iteration(weights)
+        self._finish("evaluate", evaluated, iteration)
+        return results
 
     def save(self) -> None:
         if not dist.is_main():
@@ -327,7 +340,7 @@ class Trainer:
             self.check_fresh_output_dir()
         if dist.is_main():
             self.check_output_dir()
-            (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        self._start_run()
         train_loader = build_train_loader(cfg, self.iteration, accumulation, dist.rank(), world)
         train_set = train_loader.dataset.dataset
         check_same_classes(train_set, self.test_set)
@@ -342,7 +355,7 @@ class Trainer:
         # An evaluation comes after the checkpoint of its iteration: one that was interrupted,
         # or logged but not known to have finished, is redone (the final one below).
         if self.resumed and self._evaluates_at(self.iteration) and self.iteration < s.max_iter:
-            self.test(metrics_file, wandb_run)
+            self.test(metrics_file, wandb_run, final=False)
         if dist.is_main():
             trainable, frozen = count_trainable(self.model)
             print(f"parameters: {trainable:,} trainable, {frozen:,} frozen", flush=True)
@@ -354,7 +367,8 @@ class Trainer:
             dynamic_ncols=True,
         )
         model.train()
-        start_time, start_iter = time.perf_counter(), self.iteration
+        # time_per_iter: the mean over the iterations since the last logged record.
+        interval_start, interval_iter = time.perf_counter(), self.iteration
         while self.iteration < s.max_iter:
             if self.annealing is not None:
                 probs = self.annealing.probs(self.iteration)
@@ -370,8 +384,8 @@ class Trainer:
                         (g["lr"] for g in self.optimizer.param_groups if g["is_backbone"]),
                         default=0.0,
                     ),
-                    "time_per_iter": (time.perf_counter() - start_time)
-                    / (self.iteration - start_iter),
+                    "time_per_iter": (time.perf_counter() - interval_start)
+                    / (self.iteration - interval_iter),
                     **losses,
                 }
                 if self.annealing is not None:
@@ -384,12 +398,15 @@ class Trainer:
                     record["skipped_samples"] = skipped_samples  # since this (re)start
                 progress.set_postfix(loss=f"{losses['loss']:.3f}")
                 self._log(metrics_file, record, wandb_run)
+                interval_start, interval_iter = time.perf_counter(), self.iteration
             if self.iteration % cfg.checkpoint_period == 0 or self.iteration == s.max_iter:
                 self.save()
             if self._evaluates_at(self.iteration) and self.iteration < s.max_iter:
-                self.test(metrics_file, wandb_run)
+                self.test(metrics_file, wandb_run, final=False)
+                interval_start = time.perf_counter()  # the evaluation is not training time
         progress.close()
-        results = self.test(metrics_file, wandb_run)
+        results = self.test(metrics_file, wandb_run, final=True)
+        self._finish("train", checkpoint_path(self.output_dir, self.iteration).name, self.iteration)
         if wandb_run is not None:
             wandb_run.finish()
         self._close_tensorboard()
@@ -487,7 +504,34 @@ class Trainer:
             f"{where}; stopped ({reason}); the last checkpoint in {self.output_dir} is intact"
         )
 
-    def test(self, metrics_file=None, wandb_run=None) -> dict:
+    def _start_run(self) -> None:
+        """A run starts: its config is written and it is no longer finished, until it is."""
+        if not dist.is_main():
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        (self.output_dir / FINISHED).unlink(missing_ok=True)
+        (self.output_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg))
+
+    def _finish(self, mode: str, evaluated: str, iteration: int | None) -> None:
+        """finished.json, written last and atomically: what ended ("train" at its final
+        iteration, or "evaluate"), the checkpoint (or weights) its results are of."""
+        if not dist.is_main():
+            return
+        record = {
+            "mode": mode,
+            "iteration": iteration,
+            "checkpoint": evaluated,
+            "results": "results.json",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        tmp = self.output_dir / (FINISHED + ".tmp")
+        tmp.write_text(json.dumps(record) + "\n")
+        os.replace(tmp, self.output_dir / FINISHED)
+
+    def test(self, metrics_file=None, wandb_run=None, final: bool = True) -> dict:
+        """Evaluate the model. The final evaluation writes results.json; a periodic one
+        (`final` false) writes evaluations/iteration_NNNNNNN.json, so that results.json only
+        ever holds a run's final numbers."""
         cfg = self.cfg
         loader = build_test_loader(cfg, self.test_set, dist.rank(), dist.world_size())
         results = evaluate(
@@ -502,8 +546,11 @@ class Trainer:
             record = {"iteration": self.iteration, **_scalar_metrics(results)}
             if metrics_file is not None:
                 self._log(metrics_file, record, wandb_run)
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.output_dir / "results.json", "w") as f:
+            path = self.output_dir / "results.json"
+            if not final:
+                path = self.output_dir / EVALUATIONS / f"iteration_{self.iteration:07d}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w") as f:
                 json.dump(_jsonable(results), f, indent=1)
             print(summary_line(results), flush=True)
         return results
@@ -563,6 +610,12 @@ class Trainer:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
+
+
+def checkpoint_iteration(path: str) -> int | None:
+    """The iteration in a training checkpoint's name (model_0000600.pth), else None."""
+    found = re.fullmatch(r"model_(\d{7})\.pth", Path(path).name)
+    return int(found.group(1)) if found else None
 
 
 def _write_scalars(writer, record: dict) -> None:
