@@ -139,3 +139,23 @@ def test_a_dense_head_trains_and_evaluates_through_the_trainer(tiny_cfg, frozen)
 def test_a_dense_head_needs_the_semantic_task(tiny_cfg):
     with pytest.raises(ValueError, match="model.name 'dense' predicts a class per pixel"):
         Trainer(tiny_cfg("model.name=dense"))
+
+
+def test_time_per_iter_is_the_mean_of_the_last_interval(tiny_cfg, monkeypatch):
+    """Iterations 1-2 take no time, 3-4 take 0.2 s each: the second record says 0.2 s, where a
+    mean since the start would say 0.1 s."""
+    import time
+
+    trainer = Trainer(tiny_cfg("solver.max_iter=4", "log_period=2", "checkpoint_period=100"))
+
+    def step(self, forward, model, loader, accumulation):
+        if self.iteration >= 2:
+            time.sleep(0.2)
+        return {"loss": 1.0}
+
+    monkeypatch.setattr(Trainer, "_step", step)
+    monkeypatch.setattr(Trainer, "test", lambda self, *args, **kwargs: {})
+    trainer.train()
+    records = [json.loads(line) for line in open(trainer.output_dir / "metrics.jsonl")]
+    first, second = (r["time_per_iter"] for r in records if "time_per_iter" in r)
+    assert first < 0.05 and 0.2 <= second < 0.3
