@@ -289,3 +289,34 @@ def test_pmt_with_a_trainable_encoder_trains_under_ddp(tiny_cfg, tmp_path):
     assert process.returncode == 0, output
     state = read_checkpoint(tmp_path / "run" / "model_0000002.pth")["model"]
     assert state["tap_norms.0.num_batches_tracked"] == 2
+
+
+def test_transformers_dinov3_file_as_backbone_weights(tmp_path):
+    """model.backbone_weights takes the encoder file the authors' code loads (transformers'
+    DINOv3): the same weights as timm's; all-zero q/v biases fit a model without them, other
+    biases are refused there."""
+    kwargs = dict(embed_dim=128, depth=2, num_heads=2)
+    source = build_vit("vit_small_patch16_dinov3_qkvb", (64, 64), 16, **kwargs)
+    for block in source.blocks:  # timm starts them at zero
+        torch.nn.init.normal_(block.attn.q_bias)
+        torch.nn.init.normal_(block.attn.v_bias)
+    state = _timm_backbone_to_hf(source.state_dict(), "embeddings.", "layer.", "norm.", True)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    weights = str(tmp_path / "model.safetensors")
+    loaded = build_vit("vit_small_patch16_dinov3_qkvb", (64, 64), 16, weights=weights, **kwargs)
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="attn.q_bias is not zero.*_qkvb"):
+        build_vit("vit_small_patch16_dinov3", (64, 64), 16, weights=weights, **kwargs)
+    for key in state:
+        if key.endswith(("q_proj.bias", "v_proj.bias")):
+            state[key] = torch.zeros_like(state[key])
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "zero.safetensors")
+    plain = build_vit(
+        "vit_small_patch16_dinov3",
+        (64, 64),
+        16,
+        weights=str(tmp_path / "zero.safetensors"),
+        **kwargs,
+    )
+    torch.testing.assert_close(plain.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)

@@ -18,15 +18,21 @@ def build_vit(
 ) -> nn.Module:
     """A timm ViT at `img_size` with `patch_size`, without a classifier head.
 
-    Weights come from the hub (`pretrained`) or from a local file (`weights`). Either way timm's
-    checkpoint filter resamples the patch embedding to `patch_size` (FlexiViT-style) and resizes
-    the position embeddings to the grid of `img_size`.
+    Weights come from the hub (`pretrained`) or from a local file (`weights`: timm's or Meta's
+    layout, or transformers' DINOv3 model file, as the PMT authors load their encoder). Either
+    way timm's checkpoint filter resamples the patch embedding to `patch_size` (FlexiViT-style)
+    and resizes the position embeddings to the grid of `img_size`.
     """
+    transformers_state = None
     if weights:
         if not Path(weights).is_file():
             raise FileNotFoundError(f"backbone weights file not found: {weights}")
-        kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
-        pretrained = True
+        from eomt.weights.load import transformers_backbone  # weights build on modeling
+
+        transformers_state = transformers_backbone(weights)
+        if transformers_state is None:
+            kwargs["pretrained_cfg_overlay"] = dict(file=str(weights))
+            pretrained = True
     vit = timm.create_model(
         name,
         pretrained=pretrained,
@@ -35,6 +41,21 @@ def build_vit(
         num_classes=0,
         **kwargs,
     )
+    if transformers_state is not None:
+        family = timm.models.eva if hasattr(vit, "rope") else timm.models.vision_transformer
+        state = family.checkpoint_filter_fn(transformers_state, vit)
+        # DINOv3's released L/B/H hold all-zero q and v biases, which timm's model without
+        # qkv bias leaves out as its own filter does for Meta's files; other biases matter.
+        own = vit.state_dict()
+        for key in [k for k in state if k.endswith(("attn.q_bias", "attn.v_bias"))]:
+            if key not in own:
+                if state[key].any():
+                    raise ValueError(
+                        f"{weights}: {key} is not zero, but timm's {name} has no qkv bias: "
+                        "use its _qkvb variant"
+                    )
+                del state[key]
+        vit.load_state_dict(state)
     if not hasattr(vit, "blocks") or not hasattr(vit, "_pos_embed"):
         raise ValueError(f"timm model '{name}' is not a plain ViT (no blocks / _pos_embed)")
     # Models pooled by averaging (EVA-02) keep their last LayerNorm as `fc_norm`, after the

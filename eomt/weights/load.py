@@ -134,6 +134,15 @@ def _absolute(delta: dict, path: Path, base_weights, backbone) -> dict:
     return apply_delta(delta, base_backbone_weights(base, backbone), str(path))
 
 
+def transformers_backbone(path: str | Path) -> dict | None:
+    """The weights of a transformers DINOv3 model file (`embeddings.*`, `layer.N.*`) in timm's
+    names, or None for a file of another layout (timm reads those itself)."""
+    state = model_state_dict(read_checkpoint(path))
+    if not any(k.startswith(("layer.", "model.layer.")) for k in state):
+        return None
+    return base_backbone_weights(state, None)
+
+
 def holds_decoder_only(state: dict) -> bool:
     """PMT weights without their encoder: the authors' release files, whose frozen encoder is
     the pretrained one."""
