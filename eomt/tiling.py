@@ -154,3 +154,80 @@ def stitch_panoptic(
     renumber[kept] = np.arange(1, len(kept) + 1)
     segments = [{**merged[k], "id": int(renumber[k]), "area": int(areas[k])} for k in kept]
     return torch.from_numpy(renumber[canvas]), segments
+
+
+@dataclass
+class Instance:
+    """One instance of a tiled image: its mask within its box, both in image coordinates."""
+
+    box: tuple[int, int, int, int]  # (y0, x0, y1, x1)
+    mask: torch.Tensor  # bool (y1 - y0, x1 - x0)
+    score: float
+    label: int
+
+
+def _instances_of_tile(tile: Tile, masks: torch.Tensor, scores, labels) -> list[Instance]:
+    found = []
+    for mask, score, label in zip(masks, scores.tolist(), labels.tolist()):
+        rows, cols = mask.any(1).nonzero(), mask.any(0).nonzero()
+        if len(rows) == 0:
+            continue
+        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        box = (tile.y0 + y0, tile.x0 + x0, tile.y0 + y1, tile.x0 + x1)
+        found.append(Instance(box, mask[y0:y1, x0:x1].clone(), score, label))
+    return found
+
+
+def _pixels_in(instance: Instance, region: tuple[int, int, int, int]) -> torch.Tensor:
+    """The instance's mask over `region` (zeros where it has none)."""
+    y0, x0, y1, x1 = region
+    out = torch.zeros(y1 - y0, x1 - x0, dtype=torch.bool)
+    by0, bx0, by1, bx1 = instance.box
+    iy0, ix0, iy1, ix1 = max(y0, by0), max(x0, bx0), min(y1, by1), min(x1, bx1)
+    if iy0 < iy1 and ix0 < ix1:
+        out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = instance.mask[
+            iy0 - by0 : iy1 - by0, ix0 - bx0 : ix1 - bx0
+        ]
+    return out
+
+
+def stitch_instances(
+    tiles: list[Tile], results: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], topk: int
+) -> list[Instance]:
+    """Per-tile instances -> the image's, best first, at most `topk`: instances of one class in
+    neighbouring tiles that cover the same part of their overlap (IoU above MATCH_IOU there)
+    are one, their masks joined and the best score kept, so that an object cut by a tile
+    border is whole and the duplicates of the overlaps go.
+
+    `results[i]`: tile i's masks (N, its height, its width) bool, scores (N,), labels (N,).
+    """
+    per_tile = [_instances_of_tile(tile, *result) for tile, result in zip(tiles, results)]
+    groups = _Groups()
+    for a in range(len(tiles)):
+        for b in range(a + 1, len(tiles)):
+            region = _overlap(tiles[a], tiles[b])
+            if region is None:
+                continue
+            for i, first in enumerate(per_tile[a]):
+                for j, second in enumerate(per_tile[b]):
+                    if first.label != second.label:
+                        continue
+                    p, q = _pixels_in(first, region), _pixels_in(second, region)
+                    union = int((p | q).sum())
+                    if union and int((p & q).sum()) / union > MATCH_IOU:
+                        groups.union((a, i), (b, j))
+    members: dict[tuple, list[Instance]] = {}
+    for t, instances in enumerate(per_tile):
+        for i, instance in enumerate(instances):
+            members.setdefault(groups.find((t, i)), []).append(instance)
+    stitched = []
+    for group in members.values():
+        y0, x0 = min(m.box[0] for m in group), min(m.box[1] for m in group)
+        y1, x1 = max(m.box[2] for m in group), max(m.box[3] for m in group)
+        mask = torch.zeros(y1 - y0, x1 - x0, dtype=torch.bool)
+        for member in group:
+            mask |= _pixels_in(member, (y0, x0, y1, x1))
+        best = max(group, key=lambda m: m.score)
+        stitched.append(Instance((y0, x0, y1, x1), mask, best.score, best.label))
+    stitched.sort(key=lambda instance: -instance.score)
+    return stitched[:topk]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from eomt.tiling import stitch_panoptic, tile_grid, tile_starts
+from eomt.tiling import stitch_instances, stitch_panoptic, tile_grid, tile_starts
 
 
 def test_tiles_cover_the_image_with_the_overlap_and_their_cores_split_it():
@@ -84,3 +84,27 @@ def test_one_tile_is_the_untiled_result():
     assert [s["label"] for s in segments] == [
         s["label"] for s in sorted(given, key=lambda s: s["id"])
     ]
+
+
+def test_stitched_instances_are_whole_and_not_repeated():
+    truth, labels = scene()
+    tiles = tile_grid(*truth.shape, 48, 16)
+    results = []
+    for tile in tiles:  # every tile finds the things it sees, cut at its edges
+        crop = truth[tile.y0 : tile.y1, tile.x0 : tile.x1]
+        things = [i for i in (3, 4, 5) if (crop == i).any()]
+        masks = torch.from_numpy(np.stack([crop == i for i in things])) if things else None
+        if masks is None:
+            masks = torch.zeros(0, *crop.shape, dtype=torch.bool)
+        scores = torch.tensor([0.9 - 0.1 * k for k in range(len(things))])
+        results.append((masks, scores, torch.tensor([labels[i][0] for i in things])))
+    instances = stitch_instances(tiles, results, topk=10)
+    assert len(instances) == 3  # the long car, the pole and the small car, once each
+    for instance in instances:
+        y0, x0, y1, x1 = instance.box
+        full = np.zeros(truth.shape, dtype=bool)
+        full[y0:y1, x0:x1] = instance.mask.numpy()
+        ids = np.unique(truth[full])
+        assert len(ids) == 1 and (truth == ids[0]).sum() == full.sum()
+        assert instance.label == labels[int(ids[0])][0]
+    assert len(stitch_instances(tiles, results, topk=2)) == 2
