@@ -10,7 +10,7 @@ _LAZY = {
     "get_cfg": "eomt.config",
     "EoMT": "eomt.modeling",
     "build_model": "eomt.modeling",
-    "Predictor": "eomt.predictor",
+    "Predictor": "eomt.deploy.predictor",
     "from_checkpoint": "eomt.weights",
     "load_checkpoint": "eomt.weights",
 }

@@ -21,7 +21,7 @@ from torch import nn
 
 from eomt.inference import autocast_for, window_starts
 from eomt.modeling import build_model, count_trainable
-from eomt.runtime import FastForward, default_autocast
+from eomt.deploy.runtime import FastForward, default_autocast
 
 with warnings.catch_warnings():
     # fvcore decorates its focal losses with torch.jit.script, which recent torch deprecates.

@@ -9,7 +9,7 @@ skipped):
   matmul       the bf16 matrix-multiply rate (8192^3): the ceiling throughput is compared with
   tests        pytest -m gpu: bf16 inference, a masked training step, the Triton deformable
                attention against the PyTorch path (forward and gradients, bf16 and fp32)
-  fast_path    EoMT-L 640 at batch 1 with each runtime option (eomt/runtime.py: compile mode,
+  fast_path    EoMT-L 640 at batch 1 with each runtime option (eomt/deploy/runtime.py: compile mode,
                attention kernel, precision): FPS, and the relative error of its outputs
                against the eager float32 forward
   headline     ViT-Adapter + M2F-L 640 with the fastest agreeing option: the 4.4x of the paper
@@ -47,7 +47,7 @@ from eomt.benchmark import (
 from eomt.config import get_cfg
 from eomt.modeling import build_model
 from eomt.report import paper_row
-from eomt.runtime import RUNTIME_OPTIONS
+from eomt.deploy.runtime import RUNTIME_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 P = "configs/coco/panoptic"
@@ -79,7 +79,7 @@ TINY_OVERRIDES = [
     "m2f.dec_layers=3",
     "loss.num_points=256",
 ]
-# (compile mode, SDPA kernel, weights dtype, autocast) as FastForward takes them (eomt/runtime.py),
+# (compile mode, SDPA kernel, weights dtype, autocast) as FastForward takes them (eomt/deploy/runtime.py),
 # cheapest first; CUDA and the CPU dry run. fp32 weights under bf16 autocast, compiled, is the
 # paper's setting; the flash and cuDNN kernels need half-precision inputs.
 FAST_PATH_VARIANTS = {
@@ -450,7 +450,7 @@ def step_autotune(run: Run) -> dict:
 
 
 def step_onnx(run: Run) -> dict:
-    from eomt.deploy import check, check_inputs, export, onnx_provider
+    from eomt.deploy.onnx_export import check, check_inputs, export, onnx_provider
 
     cfg = run.cfg("EoMT-S 640")
     model = run.build(cfg).cpu()

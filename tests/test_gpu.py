@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from eomt.inference import predict_logits
-from eomt.runtime import FastForward
+from eomt.deploy.runtime import FastForward
 from tests.test_model import tiny_eomt
 
 pytestmark = [

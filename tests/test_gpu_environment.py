@@ -108,7 +108,7 @@ def test_the_package_imports_without_the_modules_the_gpu_machine_lacks():
         import sys
         for name in ("cityscapesscripts", "pyspng", "wandb"):
             sys.modules[name] = None
-        import eomt, eomt.data, eomt.data.layouts, eomt.predictor, eomt.tasks.evaluate
+        import eomt, eomt.data, eomt.data.layouts, eomt.deploy.predictor, eomt.tasks.evaluate
         from eomt.evaluation import panoptic_io
         assert panoptic_io.libspng() is None
         """

@@ -28,8 +28,8 @@ from eomt.data import collate
 from eomt.data.build import build_dataset
 from eomt.evaluation import InstanceEvaluator, PanopticEvaluator, masks_to_panoptic
 from eomt.modeling import build_model
-from eomt.predictor import Predictor, unique_stems, write_predictions
-from eomt.streamed_json import RESERVE_MARGIN, StreamedJson
+from eomt.deploy.predictor import Predictor, unique_stems, write_predictions
+from eomt.deploy.streamed_json import RESERVE_MARGIN, StreamedJson
 from eomt.tasks import infer
 from eomt.tasks.evaluate import build_evaluators, evaluate
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from eomt.deploy import InferenceGraph, check, check_inputs, export, onnx_provider
+from eomt.deploy.onnx_export import InferenceGraph, check, check_inputs, export, onnx_provider
 from eomt.weights.files import save_weights
 from tests.test_weights import CLASSES, DINOV2, DINOV3, QUERIES, SIZE, tiny_model
 from tools.export_onnx import main, parse_args

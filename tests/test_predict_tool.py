@@ -11,12 +11,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.transforms.v2.functional import to_dtype
 
-from eomt import streamed_json
+from eomt.deploy import streamed_json
 from eomt.data import BadSampleError, BadSampleWarning, synthetic_split_paths
 from eomt.engine.trainer import Trainer
 from eomt.evaluation.instance import COCO_STATS
 from eomt.evaluation.panoptic_io import read_panoptic_png
-from eomt.predictor import (
+from eomt.deploy.predictor import (
     ACCEPTED_IMAGES,
     Predictor,
     as_image_tensor,

@@ -1,4 +1,4 @@
-"""The inference runtime options (eomt/runtime.py) compute the eager float32 forward.
+"""The inference runtime options (eomt/deploy/runtime.py) compute the eager float32 forward.
 
 torch.compile is checked against eager by the CPU dry run of tools/gpu_check.py
 (tests/test_gpu_check.py), which compiles once for all of its checks.
@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from eomt.predictor import Predictor
-from eomt.runtime import (
+from eomt.deploy.predictor import Predictor
+from eomt.deploy.runtime import (
     WEIGHT_DTYPES,
     FastForward,
     default_autocast,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from eomt.tiling import stitch_instances, stitch_panoptic, tile_grid, tile_starts
+from eomt.deploy.tiling import stitch_instances, stitch_panoptic, tile_grid, tile_starts
 
 
 def test_tiles_cover_the_image_with_the_overlap_and_their_cores_split_it():

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 from eomt.data import generate_synthetic_dataset
 from eomt.engine.checkpoint import checkpoints_newest_first
 from eomt.engine.trainer import Trainer, accumulation_steps
-from eomt.predictor import Predictor
+from eomt.deploy.predictor import Predictor
 from eomt.weights.files import read_checkpoint
 
 

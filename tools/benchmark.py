@@ -21,7 +21,7 @@ import json
 
 from eomt.benchmark import benchmark
 from eomt.config import get_cfg
-from eomt.runtime import add_runtime_arguments, check_runtime_arguments
+from eomt.deploy.runtime import add_runtime_arguments, check_runtime_arguments
 
 
 def parse_args(argv=None):

@@ -8,7 +8,7 @@ Writes a synthetic dataset (--images val images, 128 to 192 pixels; kept for the
 runs, each with the tiny model of configs/synthetic/eomt_tiny_panoptic.yaml at random init
 (score and overlap thresholds at 0, so that it predicts segments): evaluate:TASK, the metric of
 TASK through eomt.tasks.evaluate.evaluate as tools/train_net.py --eval-only does (a model of
-that task; data loading in this process); predict:TASK, eomt.predictor.write_predictions over
+that task; data loading in this process); predict:TASK, eomt.deploy.predictor.write_predictions over
 the image files, with overlay pictures, as tools/predict.py does. One JSON line per run: the
 peak RSS (including the metric computation at the end), the RSS after the first 100 images, at
 the end of the loop and after the run, the growth per image in between (least-squares slope
@@ -33,7 +33,7 @@ from eomt.config import get_cfg
 from eomt.data import generate_synthetic_dataset, synthetic_split_paths
 from eomt.data.build import build_dataset, build_test_loader
 from eomt.modeling import build_model
-from eomt.predictor import Predictor, find_images, write_predictions
+from eomt.deploy.predictor import Predictor, find_images, write_predictions
 from eomt.tasks import get_task
 from eomt.tasks.evaluate import build_evaluators, evaluate
 

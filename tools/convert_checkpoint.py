@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from eomt.predictor import read_categories
+from eomt.deploy.predictor import read_categories
 from eomt.weights import load_model
 from eomt.weights.export import official_state_dict, save_hf
 from eomt.weights.files import save_atomic, save_weights

@@ -18,8 +18,8 @@ import argparse
 import sys
 
 from eomt.data import BadSampleError
-from eomt.predictor import Predictor, find_images, read_coco_images, write_predictions
-from eomt.runtime import add_runtime_arguments, check_runtime_arguments
+from eomt.deploy.predictor import Predictor, find_images, read_coco_images, write_predictions
+from eomt.deploy.runtime import add_runtime_arguments, check_runtime_arguments
 
 
 def _int_at_least(minimum: int):
