@@ -189,31 +189,45 @@ def run_state(run: Run) -> RunState:
     new          nothing yet.
     """
     folder = run.output_dir
+    recorded = recorded_state(folder)
+    if recorded.state == "running":
+        return recorded
     record = read_json(folder / RECORD) or {}
-    lock = _live_lock(folder / LOCK)
-    if lock:
-        return RunState("running", lock)
     started = bool(record.get("attempt")) or any(folder.glob("model_*.pth"))
     if started and record.get("digest") not in (None, run.digest()):
         return RunState("stale", "its config or overrides changed since it ran")
-    finished = read_json(folder / FINISHED)
-    if finished is not None and run.evaluates is not None:
+    if recorded.state == "done" and run.evaluates is not None:
         trained = read_json(run.evaluates.output_dir / FINISHED)
         if record.get("evaluated", {}).get("trained") != trained:
             return RunState("stale", f"{run.evaluates.name} finished again since it was scored")
-    if finished is not None:
-        return RunState("done", f"{finished['mode']}: {finished['checkpoint']}")
-    if (folder / FAILED).is_file():
-        log = folder / "log.txt"
-        lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
-        return RunState("failed", (folder / FAILED).read_text().strip(), lines[-20:])
+    if recorded.state in ("done", "failed"):
+        return recorded
     if run.evaluates is not None:
         trained = run_state(run.evaluates)
         if trained.state == "failed":
             return RunState("failed", f"{run.evaluates.name} failed: {trained.detail}")
         if trained.state != "done":
             return RunState("waiting", f"for {run.evaluates.name} ({trained.state})")
-    if started:
+    return recorded
+
+
+def recorded_state(folder: Path) -> RunState:
+    """What a run's folder alone says of it, without its sweep file (so never stale nor
+    waiting, which compare it with the sweep): running, done, failed, interrupted or new, as
+    `run_state` tells them. tools/report.py counts a run only when it is done."""
+    folder = Path(folder)
+    lock = _live_lock(folder / LOCK)
+    if lock:
+        return RunState("running", lock)
+    finished = read_json(folder / FINISHED)
+    if finished is not None:
+        return RunState("done", f"{finished['mode']}: {finished['checkpoint']}")
+    if (folder / FAILED).is_file():
+        log = folder / "log.txt"
+        lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+        return RunState("failed", (folder / FAILED).read_text().strip(), lines[-20:])
+    record = read_json(folder / RECORD) or {}
+    if record.get("attempt") or any(folder.glob("model_*.pth")):
         return RunState("interrupted", _how_it_ended(record, folder))
     return RunState("new")
 
