@@ -178,12 +178,10 @@ def read_run(folder: Path) -> RunRecord:
     if not results_file.is_file():
         record.state, record.detail = "incomplete", f"{FINISHED} but no results.json"
         return record
-    record.results = json.loads(results_file.read_text())
+    record.results = _read_json_lines(results_file, whole=True)[0][1]
     record.iteration = (read_json(folder / FINISHED) or {}).get("iteration")
-    curve_file = folder / "metrics.jsonl"
-    if curve_file.is_file():
-        lines = curve_file.read_text().splitlines()
-        record.curve = [json.loads(line) for line in lines if line.strip()]
+    if (folder / "metrics.jsonl").is_file():
+        record.curve = [line for _, line in _read_json_lines(folder / "metrics.jsonl")]
     try:
         record.paper = paper_row(meta.get("paper"))
     except ReportError:
@@ -193,19 +191,29 @@ def read_run(folder: Path) -> RunRecord:
     return record
 
 
+def _read_json_lines(path: Path, whole: bool = False) -> list[tuple[int, dict]]:
+    """The JSON objects of a file of JSON lines with their line numbers (`whole`: the one
+    object of a JSON file); an error names the file and line of one that is not JSON."""
+    text = path.read_text()
+    chunks = [(1, text)] if whole else enumerate(text.splitlines(), 1)
+    records = []
+    for number, chunk in chunks:
+        if chunk.strip():
+            try:
+                records.append((number, json.loads(chunk)))
+            except json.JSONDecodeError as error:
+                where = path if whole else f"{path}:{number}"
+                raise ReportError(f"{where}: not JSON ({error})") from None
+    return records
+
+
 def read_benchmarks(paths: list[str | Path]) -> dict[str, dict]:
     """tools/benchmark.py JSON lines by the run (or group) their "run" key names."""
     lines = {}
     for path in map(Path, paths):
         if not path.is_file():
             raise ReportError(f"benchmark file not found: {path}")
-        for number, text in enumerate(path.read_text().splitlines(), 1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ReportError(f"{path}:{number}: not a JSON line ({error})") from None
+        for number, record in _read_json_lines(path):
             if "run" not in record:
                 raise ReportError(f"{path}:{number}: no 'run' key naming the run it measured")
             lines[record["run"]] = record

@@ -441,6 +441,9 @@ def test_paper_rows_and_benchmark_lines_are_checked(tmp_path):
     lines.write_text('{"config": "c.yaml", "fps": 3}\n')
     with pytest.raises(ReportError, match="b.jsonl:1: no 'run' key"):
         read_benchmarks([lines])
+    lines.write_text('{"run": "a", "fps": 3}\n{"run": "b", "fps": 3')  # cut while written
+    with pytest.raises(ReportError, match="b.jsonl:2: not JSON"):
+        read_benchmarks([lines])
 
 
 def user_error(tmp_path, case: str) -> tuple[list[str], str]:
