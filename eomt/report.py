@@ -568,15 +568,19 @@ def draw_evaluation(runs: list[RunRecord], path: Path) -> Path:
     panels[0].set_ylim(-0.6, len(names) - 0.3)
     for tick, group in zip(panels[0].get_yticklabels(), names):
         tick.set_color(colors[group])
-    handles = [
-        Line2D([], [], linestyle="", marker=seed_marker(run, counted), color="0.55", mec="black")
-        for run in ({run.seed: run for run in counted}[seed] for seed in seeds)
-    ]
-    legend = [seed_name(seed) for seed in seeds]
+    handles, legend = [], []
+    if seeds != [None]:  # which marker is which seed
+        by_seed = {run.seed: run for run in counted}
+        handles = [
+            Line2D([], [], linestyle="", marker=seed_marker(by_seed[s], counted), color="0.55")
+            for s in seeds
+        ]
+        legend = [seed_name(seed) for seed in seeds]
     if any(len(members) > 1 for members in groups.values()):
         handles.append(Line2D([], [], linestyle="-", marker="|", color="black", ms=10))
         legend.append("mean ± std of the seeds")
-    figure.legend(handles, legend, loc="outside lower center", ncols=len(legend), fontsize=8)
+    if legend:
+        figure.legend(handles, legend, loc="outside lower center", ncols=len(legend), fontsize=8)
     figure.suptitle(_title("final evaluation of each run", counted), fontsize=11)
     return _save(figure, path)
 
