@@ -444,29 +444,33 @@ def _title(text: str, runs: list[RunRecord]) -> str:
 
 
 def draw_loss(runs: list[RunRecord], path: Path) -> Path:
-    """The training loss per supervised prediction against the iteration: one line per run,
-    one colour per group (its seeds share it), a legend naming the groups; runs that only
-    evaluate another run's checkpoint are named below it."""
+    """The training loss per supervised prediction against the iteration, one colour per
+    group: each seed a thin line, the mean of the seeds a thick one, which the legend names;
+    runs that only evaluate another run's checkpoint are named below it."""
     runs = [run for run in runs if run.counted]
     colors, labels = group_colors(r.group for r in runs), group_labels(runs)
     figure = _figure(7.5, 4.5)
     axes = figure.add_subplot()
-    labelled = set()
-    for run in runs:
-        losses = [
-            (r["iteration"], per_prediction_loss(r)) for r in run.curve if r.get("loss") is not None
+    labelled, several = set(), False
+    for group, members in groups_of(runs).items():
+        curves = [
+            {r["iteration"]: per_prediction_loss(r) for r in run.curve if r.get("loss") is not None}
+            for run in members
         ]
-        if not losses:
+        curves = [curve for curve in curves if curve]
+        if not curves:
             continue
-        first = run.group not in labelled
-        labelled.add(run.group)
-        axes.plot(
-            *zip(*losses),
-            color=colors[run.group],
-            alpha=0.75,
-            linewidth=1.2,
-            label=labels[run.group] if first else None,
-        )
+        labelled.add(group)
+        if len(curves) == 1:
+            axes.plot(*zip(*sorted(curves[0].items())), color=colors[group], label=labels[group])
+            continue
+        several = True
+        for curve in curves:
+            axes.plot(*zip(*sorted(curve.items())), color=colors[group], alpha=0.3, linewidth=0.8)
+        shared = sorted(set.intersection(*(set(curve) for curve in curves)))
+        means = [statistics.fmean(curve[i] for curve in curves) for i in shared]
+        label = f"{labels[group]} (mean of {len(curves)} seeds)"
+        axes.plot(shared, means, color=colors[group], linewidth=2.2, label=label)
     untrained = {
         labels[run.group]: run.evaluates and evaluated_label(run, runs, labels)
         for run in runs
@@ -475,9 +479,8 @@ def draw_loss(runs: list[RunRecord], path: Path) -> Path:
     if labelled:
         axes.set_yscale("log")
         plain_log_ticks(axes)
-        seeds = len({run.seed for run in runs})
         axes.legend(
-            title=f"run ({seeds} seeds each)" if seeds > 1 else "run",
+            title="run (thin lines: each seed)" if several else "run",
             fontsize=8,
             title_fontsize=8,
         )

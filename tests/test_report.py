@@ -407,7 +407,7 @@ def test_pictures_read(tmp_path, figures):
     loss = figures["training_loss.png"].axes[0]
     ticks = [label.get_text() for label in loss.get_yticklabels()]
     assert len(ticks) >= 3 and all(t.replace(".", "").isdigit() for t in ticks), ticks
-    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["masking"]
+    assert [t.get_text() for t in loss.get_legend().get_texts()] == ["masking (mean of 3 seeds)"]
     confusion = figures["confusion_masking.png"]
     colour_bar = confusion.axes[-1]
     assert colour_bar.get_ylim() == (0.0, 100.0)
