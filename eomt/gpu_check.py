@@ -45,9 +45,9 @@ from eomt.benchmark import (
     measure_training,
 )
 from eomt.config import get_cfg
+from eomt.deploy.runtime import RUNTIME_OPTIONS
 from eomt.modeling import build_model
 from eomt.report import paper_row
-from eomt.deploy.runtime import RUNTIME_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 P = "configs/coco/panoptic"
@@ -79,7 +79,8 @@ TINY_OVERRIDES = [
     "m2f.dec_layers=3",
     "loss.num_points=256",
 ]
-# (compile mode, SDPA kernel, weights dtype, autocast) as FastForward takes them (eomt/deploy/runtime.py),
+# (compile mode, SDPA kernel, weights dtype, autocast) as FastForward takes them
+# (eomt/deploy/runtime.py),
 # cheapest first; CUDA and the CPU dry run. fp32 weights under bf16 autocast, compiled, is the
 # paper's setting; the flash and cuDNN kernels need half-precision inputs.
 FAST_PATH_VARIANTS = {

@@ -26,10 +26,10 @@ from PIL import Image
 
 from eomt.data import collate
 from eomt.data.build import build_dataset
-from eomt.evaluation import InstanceEvaluator, PanopticEvaluator, masks_to_panoptic
-from eomt.modeling import build_model
 from eomt.deploy.predictor import Predictor, unique_stems, write_predictions
 from eomt.deploy.streamed_json import RESERVE_MARGIN, StreamedJson
+from eomt.evaluation import InstanceEvaluator, PanopticEvaluator, masks_to_panoptic
+from eomt.modeling import build_model
 from eomt.tasks import infer
 from eomt.tasks.evaluate import build_evaluators, evaluate
 

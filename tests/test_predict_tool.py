@@ -11,11 +11,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.transforms.v2.functional import to_dtype
 
-from eomt.deploy import streamed_json
 from eomt.data import BadSampleError, BadSampleWarning, synthetic_split_paths
-from eomt.engine.trainer import Trainer
-from eomt.evaluation.instance import COCO_STATS
-from eomt.evaluation.panoptic_io import read_panoptic_png
+from eomt.deploy import streamed_json
 from eomt.deploy.predictor import (
     ACCEPTED_IMAGES,
     Predictor,
@@ -25,6 +22,9 @@ from eomt.deploy.predictor import (
     unique_stems,
     write_predictions,
 )
+from eomt.engine.trainer import Trainer
+from eomt.evaluation.instance import COCO_STATS
+from eomt.evaluation.panoptic_io import read_panoptic_png
 from eomt.tasks import instance, panoptic
 from eomt.weights.files import save_weights
 from tests.test_weights import CLASSES, L2, tiny_model

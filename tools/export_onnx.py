@@ -16,7 +16,14 @@ check runs on onnxruntime's CUDA provider when it has one, else on the CPU.
 
 import argparse
 
-from eomt.deploy.onnx_export import DEFAULT_TOLERANCE, PRECISIONS, check, check_inputs, export, onnx_provider
+from eomt.deploy.onnx_export import (
+    DEFAULT_TOLERANCE,
+    PRECISIONS,
+    check,
+    check_inputs,
+    export,
+    onnx_provider,
+)
 from eomt.weights import load_model
 
 

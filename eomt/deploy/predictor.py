@@ -14,9 +14,9 @@ from tqdm import tqdm
 from eomt.data import BadSampleError, BadSampleWarning, load_image
 from eomt.data.categories import ade20k_categories, cityscapes_categories
 from eomt.data.images import IMAGE_SUFFIXES, rgb_pixels
+from eomt.deploy.runtime import FastForward, default_autocast
 from eomt.inference import resize_and_pad, restore_logits, to_uint8
 from eomt.pictures import draw_query_masks
-from eomt.deploy.runtime import FastForward, default_autocast
 from eomt.tasks import get_task, infer
 from eomt.weights import load_model
 
