@@ -3,7 +3,9 @@ equal the Predictor's, its refusals, batching, overload, an API key, SIGTERM."""
 
 import hashlib
 import io
+import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -320,3 +322,55 @@ def test_serve_tool_user_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as batch:
         serve.parse_args(["--weights", "x", "--max-batch", "0"])
     assert batch.value.code == 2 and "--max-batch must be at least 1" in capsys.readouterr().err
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+COUNT_PAINTED = """() => { const c = document.getElementById('overlay');
+  const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+  let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }"""
+
+
+def test_browser_page(predictor, weights, tmp_path):
+    """In Debian's chromium: upload an image, the overlay paints exactly the segments' pixels
+    (the page's RLE decoder), the legend names them, a toggle hides one, hovering names it,
+    the JSON downloads; a screenshot is saved (EOMT_PAGE_SCREENSHOT names where)."""
+    if CHROMIUM is None:
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    image = tmp_path / "photo.png"
+    image.write_bytes(png_bytes(height=180, width=240, seed=5))
+    screenshot = Path(os.environ.get("EOMT_PAGE_SCREENSHOT", tmp_path / "page.png"))
+    with serving(create_app(predictor, "panoptic", weights, api_key="k")) as url:
+        expected = httpx.post(
+            f"{url}/predict", content=image.read_bytes(), headers={"X-API-Key": "k"}
+        )
+        segments = expected.json()["segments"]
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            page.goto(f"{url}/?api_key=k")
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("body[data-state=drawn]", timeout=60_000)
+            names = page.locator("#legend .name").all_inner_texts()
+            painted = page.evaluate(COUNT_PAINTED)
+            # Hover the first pixel (in reading order) of the first segment.
+            mask = mask_utils.decode(segments[0]["rle"]).astype(bool)
+            y, x = (int(v[0]) for v in np.nonzero(mask))
+            box = page.locator("#overlay").bounding_box()
+            scale = box["width"] / 240
+            page.mouse.move(box["x"] + (x + 0.5) * scale, box["y"] + (y + 0.5) * scale)
+            tooltip = page.locator("#tooltip").inner_text()
+            page.screenshot(path=str(screenshot))
+            page.locator("#legend input").first.uncheck()
+            page.wait_for_function("document.body.dataset.state === 'drawn'")
+            painted_without_first = page.evaluate(COUNT_PAINTED)
+            with page.expect_download() as download:
+                page.click("#download")
+            downloaded = json.loads(Path(download.value.path()).read_text())
+            browser.close()
+    assert names == [f"{s['name']} {s['score']:.2f}" for s in segments]
+    assert painted == sum(s["area"] for s in segments)
+    assert painted_without_first == painted - segments[0]["area"]
+    assert tooltip == names[0]
+    assert downloaded["segments"] == segments
+    assert screenshot.stat().st_size > 10_000
