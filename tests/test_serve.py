@@ -24,6 +24,7 @@ import uvicorn
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from eomt.deploy.load_test import run_load
 from eomt.deploy.predictor import Predictor
 from eomt.deploy.server import Limits, create_app
 from eomt.evaluation.panoptic_io import rgb_to_id
@@ -374,3 +375,17 @@ def test_browser_page(predictor, weights, tmp_path):
     assert tooltip == names[0]
     assert downloaded["segments"] == segments
     assert screenshot.stat().st_size > 10_000
+
+
+def test_load_test_counts_every_request(predictor, weights):
+    """tools/benchmark_serve.py's clients: every request counted once, by its outcome; the
+    bound in time stops the clients."""
+    app = create_app(predictor, "panoptic", weights, max_batch=1, limits=Limits(max_queue=1))
+    with serving(app) as url:
+        loaded = run_load(f"{url}/predict", [png_bytes(seed=s) for s in range(3)], 6, 12, 60)
+        none = run_load(f"{url}/predict", [png_bytes()], 2, 10, 0)
+    row = loaded.row()
+    assert row["requests"] == 12 == row["ok"] + row["503"]
+    assert row["errors"] == row["timeouts"] == 0 and row["ok"] == len(loaded.latencies) > 0
+    assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    assert none.row()["requests"] == 0
