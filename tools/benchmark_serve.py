@@ -1,6 +1,6 @@
 """Load on tools/serve.py against the in-process Predictor, on the same images (docs/serving.md).
 
-    python tools/benchmark_serve.py --weights output/synthetic_tiny_panoptic/model_final.pth \\
+    python tools/benchmark_serve.py --weights output/synthetic_tiny_panoptic/model_0000600.pth \\
         --images datasets/synthetic/val/images --output output/benchmark_serve.json
 
 Rows: the Predictor in this process at batch 1 and at --max-batch (reading the files and

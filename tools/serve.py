@@ -1,6 +1,6 @@
 """Serve a checkpoint over HTTP: POST an image, get its segments as JSON (COCO RLE masks).
 
-    python tools/serve.py --weights output/synthetic_tiny_panoptic/model_final.pth
+    python tools/serve.py --weights output/synthetic_tiny_panoptic/model_0000600.pth
     python tools/serve.py --weights model.pth --task semantic --max-batch 16 --max-wait-ms 20 \\
         --host 0.0.0.0 --api-key "$SECRET"
 
