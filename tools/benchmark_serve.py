@@ -21,8 +21,6 @@ from eomt.deploy.load_test import ServerProcess, in_process, resident_mib, run_l
 from eomt.deploy.predictor import Predictor, find_images
 
 COLUMNS = (
-    "requests", "ok", "503", "errors", "timeouts", "images_per_s", "p50_ms", "p95_ms", "p99_ms"
-)
     "requests",
     "ok",
     "503",
