@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from eomt.deploy.streamed_json import StreamedJson
 from eomt.evaluation.files import check_image_ids, load_json
 from eomt.pictures import draw_instances
-from eomt.deploy.streamed_json import StreamedJson
 from eomt.tasks.base import Task, json_score
 
 if TYPE_CHECKING:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
+from eomt.deploy.streamed_json import StreamedJson
 from eomt.evaluation.files import check_image_ids, require_dir
 from eomt.evaluation.panoptic import PanopticEvaluator, masks_to_panoptic
 from eomt.evaluation.panoptic_io import id_to_rgb, load_panoptic_json
 from eomt.pictures import draw_panoptic
-from eomt.deploy.streamed_json import StreamedJson
 from eomt.tasks.base import Task, json_score
 
 GROUPS = (("All", ""), ("Things", "_th"), ("Stuff", "_st"))
