@@ -15,10 +15,15 @@ take the JSON's image ids and file names, so that tools/evaluate.py scores them 
 """
 
 import argparse
-import sys
 
-from eomt.data import BadSampleError
-from eomt.deploy.predictor import Predictor, find_images, read_coco_images, write_predictions
+from eomt.cli import ToolParser, run_tool
+from eomt.deploy.predictor import (
+    PredictionSummary,
+    Predictor,
+    find_images,
+    read_coco_images,
+    write_predictions,
+)
 from eomt.deploy.runtime import add_runtime_arguments, check_runtime_arguments
 
 
@@ -38,9 +43,7 @@ def _int_at_least(minimum: int):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--weights", required=True, help="checkpoint file or HF model folder")
     parser.add_argument(
         "--input",
@@ -88,8 +91,8 @@ def parse_args(argv=None):
         "--bad-images",
         choices=("stop", "skip"),
         default="stop",
-        help="an image that cannot be read stops the run (the JSON keeps the images before "
-        "it), or is left out and listed in skipped_images.txt",
+        help="an image that cannot be read stops the run (every image before it predicted "
+        "and written), or is left out and listed in skipped_images.txt",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_runtime_arguments(
@@ -100,7 +103,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(args) -> None:
+def main(args) -> PredictionSummary:
     predictor = Predictor.from_checkpoint(
         args.weights,
         device=args.device,
@@ -116,7 +119,7 @@ def main(args) -> None:
         paths, images = read_coco_images(args.coco_json, args.input)
     else:
         paths, images = find_images(args.input), None
-    written = write_predictions(
+    summary = write_predictions(
         predictor,
         paths,
         args.output,
@@ -129,13 +132,14 @@ def main(args) -> None:
         bad_images=args.bad_images,
         images=images,
     )
-    files = ", ".join(written) or "per-image files"
+    files = ", ".join(summary.files) or "per-image files"
     precision = predictor.forward.describe()["precision"]
-    print(f"{len(paths)} images -> {args.output} ({files}); the model ran in {precision}")
+    print(
+        f"{summary.total} images: {summary.describe()} -> {args.output} ({files}); "
+        f"the model ran in {precision}"
+    )
+    return summary
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (OSError, BadSampleError) as error:  # a full disk, a bad image: said in the message
-        sys.exit(f"error: {error}")
+    run_tool(main, parse_args)
