@@ -570,3 +570,85 @@ def test_a_read_only_output_is_one_line(weights, image_dir, tmp_path, capsys, re
         run_tool(main, parse_args, [*argv, "--quiet"])
     assert caught.value.code == 2
     assert capsys.readouterr().err == f"error: [Errno 13] Permission denied: '{tmp_path / 'ro'}'\n"
+
+
+# ----------------------------------------------------------------------------- tiles
+
+
+def test_an_image_no_larger_than_a_tile_gives_the_untiled_result(weights):
+    untiled = Predictor.from_checkpoint(weights, device="cpu")
+    tiled = Predictor.from_checkpoint(weights, device="cpu", tile=32, overlap=8)
+    rng = np.random.default_rng(3)
+    for size in ((30, 20), (32, 32), (12, 31)):  # the tiny model's input is 32 x 32
+        image = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+        seg, segments = untiled(image, "panoptic")
+        assert segments, "a score threshold of 0 keeps segments"
+        tiled_seg, tiled_segments = tiled(image, "panoptic")
+        assert torch.equal(tiled_seg, seg) and tiled_segments == segments
+        assert torch.equal(tiled(image, "semantic"), untiled(image, "semantic"))
+        # Instances: the same, each mask within its box, best score first, empty ones left out.
+        expected = untiled(image, "instance")
+        got = tiled(image, "instance")
+        order = expected["scores"].argsort(descending=True, stable=True)
+        order = order[expected["masks"][order].flatten(1).any(1)]
+        assert torch.equal(got["scores"], expected["scores"][order])
+        assert torch.equal(got["category_ids"], expected["category_ids"][order])
+        for box, mask, full in zip(got["boxes"].tolist(), got["masks"], expected["masks"][order]):
+            x0, y0, x1, y1 = box
+            pasted = torch.zeros_like(full)
+            pasted[y0:y1, x0:x1] = mask
+            assert torch.equal(pasted, full)
+
+
+def test_predict_tool_tiles_large_images(weights, image_dir, tmp_path, capsys):
+    """a.png (40 x 56) and b.jpg (48 x 48) in tiles of 32 (the tiny model's input size)."""
+    out = tmp_path / "out"
+    run(weights, image_dir, out, "--tile", "32", "--tile-overlap", "8", "--batch-size", "3")
+    assert capsys.readouterr().out.startswith("3 images: 3 predicted, 0 skipped, 0 failed")
+    content = json.loads((out / "panoptic.json").read_text())
+    for annotation, info in zip(content["annotations"], content["images"]):
+        seg = read_panoptic_png(out / "panoptic" / annotation["file_name"])
+        assert seg.shape == (info["height"], info["width"])  # full resolution
+        segments = annotation["segments_info"]
+        assert sorted(s["id"] for s in segments) == sorted(set(np.unique(seg).tolist()) - {0})
+        for segment in segments:
+            assert segment["area"] == int((seg == segment["id"]).sum())
+    assert (out / "overlay" / "a.png").is_file()
+
+    run(weights, image_dir / "a.png", tmp_path / "ins", "--task", "instance", "--tile", "32")
+    results = json.loads((tmp_path / "ins" / "instances.json").read_text())
+    assert results and {r["category_id"] for r in results} <= {c["id"] for c in CATEGORIES[:3]}
+    predictor = Predictor.from_checkpoint(weights, device="cpu", tile=32, overlap=0.25)
+    expected = predictor(image_dir / "a.png", "instance")
+    assert len(results) == len(expected["scores"])
+    for result, box, mask in zip(results, expected["boxes"].tolist(), expected["masks"]):
+        decoded = mask_utils.decode(result["segmentation"])
+        assert decoded.shape == (40, 56)
+        x0, y0, x1, y1 = box
+        assert decoded.sum() == decoded[y0:y1, x0:x1].sum() == int(mask.sum())
+        assert np.array_equal(decoded[y0:y1, x0:x1], mask.numpy())
+    assert (tmp_path / "ins" / "overlay" / "a.png").is_file()
+
+    run(weights, image_dir / "a.png", tmp_path / "sem", "--task", "semantic", "--tile", "32")
+    labels = np.asarray(Image.open(tmp_path / "sem" / "semantic" / "a.png"))
+    assert labels.shape == (40, 56) and labels.max() < CLASSES
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tile-overlap", "8"], "error: --tile-overlap needs --tile"),
+        (["--tile", "32", "--show-queries", "2"], "error: --show-queries draws the untiled"),
+        (["--tile", "64"], "error: tile 64 must be in 1..32: the model's input is 32x32, and a"),
+        (["--tile", "32", "--tile-overlap", "32"], r"error: overlap 32 must be in 0..31 pixels"),
+        (["--tile", "32", "--tile-overlap", "x"], "error: argument --tile-overlap: expected pix"),
+    ],
+    ids=["overlap-alone", "queries", "too-large", "overlap", "not-a-number"],
+)
+def test_tile_option_errors_are_one_line(weights, image_dir, tmp_path, capsys, extra, message):
+    argv = ["--weights", str(weights), "--input", str(image_dir), "--output", str(tmp_path)]
+    with pytest.raises(SystemExit) as caught:
+        run_tool(main, parse_args, [*argv, *extra])
+    assert caught.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.match(message, line), line

@@ -16,6 +16,7 @@ from eomt.data import BadSampleError, BadSampleWarning, load_image
 from eomt.data.categories import ade20k_categories, cityscapes_categories
 from eomt.data.images import IMAGE_SUFFIXES, rgb_pixels
 from eomt.deploy.runtime import FastForward, default_autocast
+from eomt.deploy.tiling import overlap_pixels, tile_grid
 from eomt.inference import resize_and_pad, restore_logits, to_uint8
 from eomt.pictures import draw_query_masks
 from eomt.tasks import get_task, infer
@@ -126,10 +127,41 @@ class Predictor:
     category_ids (M,)}. A label is a contiguous class index into `predictor.categories`, a
     category id the dataset's id of that class (`categories[label]["id"]`, as in the JSON
     files `write_predictions` writes). `predict(images, task)` does the same for a batch.
+
+    With `tile` (pixels, at most the model's input size), images larger than a tile are
+    predicted at full resolution in overlapping tiles (`eomt.deploy.tiling`; `overlap` in
+    pixels, or as a fraction of the tile), `tile_batch` tiles per forward, and the tiles'
+    results joined: panoptic segments and instances of one object across tile borders become
+    one, each pixel's semantic label comes from one tile. The results keep the untiled form
+    (an image no larger than a tile gives exactly the untiled result), except instances: each
+    mask within its box, {"boxes" (M, 4) (x0, y0, x1, y1), "masks" [M (y1 - y0, x1 - x0)],
+    "scores", "labels", "category_ids"}, best score first.
     """
 
-    def __init__(self, model, cfg, categories: list[dict], device=None, **runtime):
+    def __init__(
+        self,
+        model,
+        cfg,
+        categories: list[dict],
+        device=None,
+        tile: int | None = None,
+        overlap: int | float = 0.25,
+        tile_batch: int = 8,
+        **runtime,
+    ):
         self.cfg, self.categories = cfg, categories
+        if tile is not None:
+            largest = min(cfg.input.image_size)
+            if not 0 < tile <= largest:
+                raise ValueError(
+                    f"tile {tile} must be in 1..{largest}: the model's input is "
+                    f"{cfg.input.image_size[0]}x{cfg.input.image_size[1]}, and a larger tile "
+                    "would be shrunk"
+                )
+            if tile_batch < 1:
+                raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+            overlap = overlap_pixels(overlap, tile)
+        self.tile, self.overlap, self.tile_batch = tile, overlap, tile_batch
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         num_classes = getattr(model, "num_classes", len(categories))
@@ -149,7 +181,7 @@ class Predictor:
     ) -> "Predictor":
         """Any checkpoint `eomt.from_checkpoint` reads. Ours carry their config and class
         names; `categories` (a name or a JSON file, see `read_categories`) names the classes
-        of weights that do not."""
+        of weights that do not. `runtime`: the tiling and FastForward options of `Predictor`."""
         model, cfg, own_categories = load_model(path, base_weights, image_size)
         if categories is not None:
             own_categories = read_categories(categories)
@@ -166,8 +198,24 @@ class Predictor:
         """Results for a batch of images (see the class docstring) of any sizes."""
         task = get_task(task or self.cfg.task)
         tensors = [as_image_tensor(image) for image in images]
+        if self.tile is None:
+            return self._predict(tensors, task)
+        return [self._predict_tiled(tensor, task) for tensor in tensors]
+
+    def _predict(self, tensors: list[torch.Tensor], task) -> list:
         results = infer(self.forward, tensors, self.cfg, self.categories, [task.name])[-1]
         return [task.public(result[task.name], self.categories) for result in results]
+
+    def _predict_tiled(self, image: torch.Tensor, task):
+        height, width = image.shape[-2:]
+        tiles = tile_grid(height, width, self.tile, self.overlap)
+
+        def results():  # one batch of tiles at a time
+            for start in range(0, len(tiles), self.tile_batch):
+                batch = tiles[start : start + self.tile_batch]
+                yield from self._predict([image[:, t.y0 : t.y1, t.x0 : t.x1] for t in batch], task)
+
+        return task.stitch(tiles, results(), height, width, self.categories, self.cfg.test)
 
     @torch.no_grad()
     def query_predictions(self, image, num_queries: int = 4):
