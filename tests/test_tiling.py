@@ -1,6 +1,8 @@
 """Tiled prediction of large images: where tiles go, segments and instances stitched across
 them, and the predictor over tiles."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eomt.config import get_cfg
+from eomt.data.synthetic import SYNTHETIC_CATEGORIES
 from eomt.deploy.predictor import Predictor
 from eomt.deploy.tiling import (
     overlap_pixels,
@@ -17,6 +20,10 @@ from eomt.deploy.tiling import (
     tile_grid,
     tile_starts,
 )
+from eomt.deploy.tiling_benchmark import GAP, panoptic_quality, paste_grid, val_scenes
+from eomt.modeling import build_model
+from eomt.weights.files import save_weights
+from tools import benchmark_tiling
 
 
 def test_tiles_cover_the_image_with_the_overlap_and_their_cores_split_it():
@@ -236,3 +243,53 @@ def test_tiled_prediction_joins_things_across_tile_borders():
     # Untiled, the same model sees the scene shrunk to 48 pixels: the pole is lost.
     _, shrunk = oracle_predictor()(image, "panoptic")
     assert sorted(s["category_id"] for s in shrunk if s["isthing"]) != [1, 1, 2]
+
+
+# -- the measurement of tools/benchmark_tiling.py ---------------------------------------------
+
+
+def test_the_grid_scene_pastes_images_and_ground_truth_alike(synthetic_root):
+    scenes, categories = val_scenes(synthetic_root, 4)
+    large = paste_grid(scenes, 2, categories)
+    cell = max(s.image.shape[1] for s in scenes), max(s.image.shape[2] for s in scenes)
+    assert large.image.shape == (3, 2 * cell[0], 2 * cell[1])
+    by_id = {s["id"]: s for s in large.segments}
+    assert len(by_id) == len(large.segments)
+    for index, scene in enumerate(scenes):
+        y, x = index // 2 * cell[0], index % 2 * cell[1]
+        height, width = scene.image.shape[1:]
+        assert torch.equal(large.image[:, y : y + height, x : x + width], scene.image)
+        pasted = large.segmentation[y : y + height, x : x + width]
+        assert ((pasted == 0) == (scene.segmentation == 0)).all()
+        for segment in scene.segments:  # each segment keeps its pixels and class
+            ids = np.unique(pasted[scene.segmentation == segment["id"]])
+            assert len(ids) == 1 and by_id[int(ids[0])]["category_id"] == segment["category_id"]
+    assert (large.image[:, large.segmentation == 0] == GAP).any()  # the gaps: grey and void
+
+    # Things stay apart; the stuff of a class is one segment, as in one panoptic image.
+    def kinds(segments):
+        things = [s for s in segments if categories[s["category_id"]]["isthing"]]
+        return [s for s in things if not s["iscrowd"]], [s for s in segments if s not in things]
+
+    assert len(kinds(large.segments)[0]) == sum(len(kinds(s.segments)[0]) for s in scenes)
+    stuff = [s["category_id"] for s in kinds(large.segments)[1]]
+    assert len(stuff) == len(set(stuff))
+    # The ground truth as a prediction scores 100.
+    truth = [{"id": s["id"], "label": s["category_id"]} for s in large.segments]
+    assert panoptic_quality([(large.segmentation, truth)], [large], categories)["PQ"] == 100
+
+
+def test_benchmark_tiling_tool_reports_the_three_ways(tiny_cfg, synthetic_root, tmp_path, capsys):
+    cfg = tiny_cfg()
+    model = build_model(cfg)
+    weights = save_weights(model, cfg, SYNTHETIC_CATEGORIES, tmp_path / "model.safetensors")
+    argv = ["--weights", str(weights), "--data", str(synthetic_root), "--grid", "2"]
+    rows = benchmark_tiling.main(benchmark_tiling.parse_args([*argv, "--device", "cpu"]))
+    assert [row["prediction"] for row in rows] == ["each image alone", "tiled", "shrunk"]
+    assert all(0 <= row[key] <= 100 for row in rows for key in ("PQ", "PQ_th", "PQ_st"))
+    height, width, tiles = re.fullmatch(
+        r"(\d+)x(\d+) in (\d+) tiles of 64, full resolution", rows[1]["the model sees"]
+    ).groups()
+    assert int(tiles) == len(tile_grid(int(height), int(width), 64, 16)) > 1
+    out = capsys.readouterr().out
+    assert out.startswith("| prediction | the model sees | PQ | PQ_th | PQ_st | seconds |")
