@@ -18,6 +18,7 @@ from eomt.pictures import draw_panoptic
 from eomt.tasks.base import Task, json_score
 
 GROUPS = (("All", ""), ("Things", "_th"), ("Stuff", "_st"))
+PUBLIC_KEYS = ("id", "label", "category_id", "isthing", "score")  # of a predictor's segment
 
 
 class PanopticTask(Task):
@@ -51,6 +52,14 @@ class PanopticTask(Task):
             }
             for segment in segments
         ]
+
+    def stitch(self, tiles, results, height, width, categories, test_cfg):
+        """Segments of one object or stuff class across tiles joined (`stitch_panoptic`), with
+        the keys of an untiled image's."""
+        from eomt.deploy.tiling import stitch_panoptic  # torch: see Task.infer
+
+        seg, segments = stitch_panoptic(tiles, list(results), height, width)
+        return seg, [{key: s[key] for key in PUBLIC_KEYS} for s in segments]
 
     def count_predictions(self, result) -> int:
         return len(result[1])
