@@ -24,6 +24,7 @@ import uvicorn
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from eomt.cli import run_tool
 from eomt.deploy.load_test import run_load
 from eomt.deploy.predictor import Predictor
 from eomt.deploy.server import Limits, create_app
@@ -317,12 +318,16 @@ def test_sigterm_answers_requests_in_flight_then_exits(weights):
 
 
 def test_serve_tool_user_errors(tmp_path, capsys):
-    with pytest.raises(SystemExit) as missing:
-        serve.main(serve.parse_args(["--weights", str(tmp_path / "none.pth")]))
-    assert missing.value.code == f"error: --weights: {tmp_path / 'none.pth'} does not exist"
-    with pytest.raises(SystemExit) as batch:
-        serve.parse_args(["--weights", "x", "--max-batch", "0"])
-    assert batch.value.code == 2 and "--max-batch must be at least 1" in capsys.readouterr().err
+    """One line `error: ...`, exit status 2, for a missing checkpoint and a bad option."""
+    missing = tmp_path / "none.pth"
+    for argv, line in (
+        (["--weights", str(missing)], f"error: checkpoint not found: {missing}"),
+        (["--weights", "x", "--max-batch", "0"], "error: --max-batch must be at least 1"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            run_tool(serve.main, serve.parse_args, argv)
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [line]
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -21,12 +21,13 @@ import argparse
 from eomt.cli import ToolParser, run_tool
 from eomt.deploy.predictor import (
     PredictionSummary,
-    Predictor,
+    add_predictor_arguments,
     find_images,
+    predictor_from_arguments,
     read_coco_images,
     write_predictions,
 )
-from eomt.deploy.runtime import add_runtime_arguments, check_runtime_arguments
+from eomt.deploy.runtime import check_runtime_arguments
 
 
 def _int_at_least(minimum: int):
@@ -58,7 +59,7 @@ def _overlap(text: str) -> int | float:
 
 def parse_args(argv=None):
     parser = ToolParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--weights", required=True, help="checkpoint file or HF model folder")
+    add_predictor_arguments(parser)
     parser.add_argument(
         "--input",
         required=True,
@@ -84,16 +85,6 @@ def parse_args(argv=None):
         default=4,
         help="images per forward (with --tile: tiles per forward)",
     )
-    parser.add_argument(
-        "--categories",
-        help="class names: ade20k, ade20k_panoptic, cityscapes or a COCO-format JSON file "
-        "(default: those in the checkpoint, else 'class N')",
-    )
-    parser.add_argument("--base-weights", help="DINOv3 backbone file of official delta weights")
-    parser.add_argument(
-        "--image-size", type=int, nargs=2, metavar=("H", "W"), help="input size of the model"
-    )
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay pictures")
     parser.add_argument(
         "--show-queries",
@@ -128,9 +119,6 @@ def parse_args(argv=None):
         "(0.25, the default)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_runtime_arguments(
-        parser, "the checkpoint's solver.amp on CUDA with fp32 weights; else none"
-    )
     args = parser.parse_args(argv)
     check_runtime_arguments(parser, args)
     if args.tile is None and args.tile_overlap is not None:
@@ -141,16 +129,8 @@ def parse_args(argv=None):
 
 
 def main(args) -> PredictionSummary:
-    predictor = Predictor.from_checkpoint(
-        args.weights,
-        device=args.device,
-        categories=args.categories,
-        base_weights=args.base_weights,
-        image_size=args.image_size,
-        compile_mode=args.compile,
-        sdpa_backend=args.sdpa_backend,
-        weights_dtype=args.weights_dtype,
-        autocast=args.autocast,
+    predictor = predictor_from_arguments(
+        args,
         tile=args.tile,
         overlap=0.25 if args.tile_overlap is None else args.tile_overlap,
         tile_batch=args.batch_size,

@@ -18,20 +18,18 @@ flight are answered, then the server exits. docs/serving.md has the API and the 
 
 import argparse
 import os
-import sys
 
 import uvicorn
 
-from eomt.deploy.predictor import Predictor
-from eomt.deploy.runtime import add_runtime_arguments, check_runtime_arguments
+from eomt.cli import ToolParser, run_tool
+from eomt.deploy.predictor import add_predictor_arguments, predictor_from_arguments
+from eomt.deploy.runtime import check_runtime_arguments
 from eomt.deploy.server import Limits, create_app
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--weights", required=True, help="checkpoint file or HF model folder")
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_predictor_arguments(parser)
     parser.add_argument("--task", choices=("panoptic", "semantic", "instance"))
     parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     parser.add_argument("--port", type=int, default=8000)
@@ -43,15 +41,6 @@ def parse_args(argv=None):
     parser.add_argument("--max-bytes", type=int, default=20 << 20, help="request body limit")
     parser.add_argument("--max-megapixels", type=float, default=50.0, help="image size limit")
     parser.add_argument("--api-key", default=os.environ.get("EOMT_API_KEY"))
-    parser.add_argument("--categories", help="class names (see tools/predict.py)")
-    parser.add_argument("--base-weights", help="DINOv3 backbone file of official delta weights")
-    parser.add_argument(
-        "--image-size", type=int, nargs=2, metavar=("H", "W"), help="input size of the model"
-    )
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
-    add_runtime_arguments(
-        parser, "the checkpoint's solver.amp on CUDA with fp32 weights; else none"
-    )
     args = parser.parse_args(argv)
     check_runtime_arguments(parser, args)
     for name in ("max_batch", "max_queue", "max_bytes"):
@@ -63,19 +52,7 @@ def parse_args(argv=None):
 
 
 def build_app(args):
-    if not os.path.exists(args.weights):
-        raise FileNotFoundError(f"--weights: {args.weights} does not exist")
-    predictor = Predictor.from_checkpoint(
-        args.weights,
-        device=args.device,
-        categories=args.categories,
-        base_weights=args.base_weights,
-        image_size=args.image_size,
-        compile_mode=args.compile,
-        sdpa_backend=args.sdpa_backend,
-        weights_dtype=args.weights_dtype,
-        autocast=args.autocast,
-    )
+    predictor = predictor_from_arguments(args)
     limits = Limits(args.max_bytes, args.max_megapixels, args.max_queue)
     return create_app(
         predictor,
@@ -89,12 +66,9 @@ def build_app(args):
 
 
 def main(args) -> None:
-    try:
-        app = build_app(args)
-    except (OSError, ValueError) as error:  # a missing or unreadable checkpoint, bad classes
-        sys.exit(f"error: {error}")
+    app = build_app(args)
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=60)
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_tool(main, parse_args)

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from eomt.data import BadSampleError, BadSampleWarning, load_image
 from eomt.data.categories import ade20k_categories, cityscapes_categories
 from eomt.data.images import IMAGE_SUFFIXES, rgb_pixels
-from eomt.deploy.runtime import FastForward, default_autocast
+from eomt.deploy.runtime import FastForward, add_runtime_arguments, default_autocast
 from eomt.deploy.tiling import overlap_pixels, tile_grid
 from eomt.inference import resize_and_pad, restore_logits, to_uint8
 from eomt.pictures import draw_query_masks
@@ -250,6 +250,41 @@ class Predictor:
         # from the first that sees the queries.
         names = [f"before query block {i}" for i in range(len(predictions) - 1)] + ["final"]
         return masks, classes, queries, names
+
+
+def add_predictor_arguments(parser) -> None:
+    """--weights, --categories, --base-weights, --image-size, --device and the runtime options
+    (eomt/deploy/runtime.py), as the tools that load a Predictor take them."""
+    parser.add_argument("--weights", required=True, help="checkpoint file or HF model folder")
+    parser.add_argument(
+        "--categories",
+        help="class names: ade20k, ade20k_panoptic, cityscapes or a COCO-format JSON file "
+        "(default: those in the checkpoint, else 'class N')",
+    )
+    parser.add_argument("--base-weights", help="DINOv3 backbone file of official delta weights")
+    parser.add_argument(
+        "--image-size", type=int, nargs=2, metavar=("H", "W"), help="input size of the model"
+    )
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    add_runtime_arguments(
+        parser, "the checkpoint's solver.amp on CUDA with fp32 weights; else none"
+    )
+
+
+def predictor_from_arguments(args, **options) -> Predictor:
+    """The Predictor the arguments of `add_predictor_arguments` describe (`options`: tiling)."""
+    return Predictor.from_checkpoint(
+        args.weights,
+        device=args.device,
+        categories=args.categories,
+        base_weights=args.base_weights,
+        image_size=args.image_size,
+        compile_mode=args.compile,
+        sdpa_backend=args.sdpa_backend,
+        weights_dtype=args.weights_dtype,
+        autocast=args.autocast,
+        **options,
+    )
 
 
 def unique_stems(paths: list[Path]) -> list[str]:
