@@ -38,15 +38,21 @@ CATEGORIES = [
 ]
 
 
-@pytest.fixture
-def weights(tmp_path):
+def save_segmenting_tiny_model(folder):
+    """A tiny random model that predicts segments (its mask logits shifted up, no score
+    threshold), saved with CATEGORIES in `folder`/model.safetensors."""
     model, cfg = tiny_model()
     with torch.no_grad():  # random mask logits are mostly negative: shift them up
         model.upscale[-1].norm.bias.fill_(0.3)
         model.mask_head[4].bias.fill_(0.05)
     cfg.test.score_threshold = 0.0  # random weights: keep every segment
     cfg.test.overlap_threshold = 0.0
-    return save_weights(model, cfg, CATEGORIES, tmp_path / "model.safetensors")
+    return save_weights(model, cfg, CATEGORIES, folder / "model.safetensors")
+
+
+@pytest.fixture
+def weights(tmp_path):
+    return save_segmenting_tiny_model(tmp_path)
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 import uvicorn
 from PIL import Image
 from pycocotools import mask as mask_utils
@@ -29,26 +28,15 @@ from eomt.deploy.load_test import run_load
 from eomt.deploy.predictor import Predictor
 from eomt.deploy.server import Limits, create_app
 from eomt.evaluation.panoptic_io import rgb_to_id
-from eomt.weights.files import save_weights
-from tests.test_weights import CLASSES, tiny_model
+from tests.test_predict_tool import CATEGORIES, save_segmenting_tiny_model
 from tools import serve
 
 REPO = Path(__file__).resolve().parents[1]
-CATEGORIES = [
-    {"id": 10 + i, "name": f"class{i}", "isthing": int(i < 3), "color": [40 * i, 200, 90]}
-    for i in range(CLASSES)
-]
 
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    model, cfg = tiny_model()
-    with torch.no_grad():  # random mask logits are mostly negative: shift them up
-        model.upscale[-1].norm.bias.fill_(0.3)
-        model.mask_head[4].bias.fill_(0.05)
-    cfg.test.score_threshold = 0.0  # random weights: keep every segment
-    cfg.test.overlap_threshold = 0.0
-    return save_weights(model, cfg, CATEGORIES, tmp_path_factory.mktemp("w") / "model.safetensors")
+    return save_segmenting_tiny_model(tmp_path_factory.mktemp("weights"))
 
 
 @pytest.fixture(scope="module")
