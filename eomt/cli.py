@@ -30,10 +30,11 @@ class ToolParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message}\n")
 
 
-def run_tool(main, parse_args, argv=None, user_errors=USER_ERRORS):
-    """`main(parse_args(argv))`, with the user errors among `user_errors` said in one line on
-    stderr and exit status 2. Returns what `main` returns."""
-    args = parse_args(argv)
+def run_tool(main, parse_args=None, argv=None, user_errors=USER_ERRORS):
+    """`main(parse_args(argv))` (without `parse_args`: `main(argv)`, a main that parses), with
+    the user errors among `user_errors` said in one line on stderr and exit status 2. Returns
+    what `main` returns."""
+    args = parse_args(argv) if parse_args is not None else argv
     try:
         return main(args)
     except user_errors as error:

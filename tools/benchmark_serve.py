@@ -14,9 +14,9 @@ and server share this machine's cores; the clients run on one event loop.
 import argparse
 import json
 import socket
-import sys
 from pathlib import Path
 
+from eomt.cli import USER_ERRORS, ToolParser, run_tool
 from eomt.deploy.load_test import ServerProcess, in_process, resident_mib, run_load
 from eomt.deploy.predictor import Predictor, find_images
 
@@ -34,9 +34,7 @@ COLUMNS = (
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--weights", required=True)
     parser.add_argument("--images", required=True, help="a folder, an image or a glob")
     parser.add_argument("--task", choices=("panoptic", "semantic", "instance"))
@@ -129,8 +127,4 @@ def main(args) -> dict:
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (OSError, RuntimeError) as error:
-        sys.exit(f"error: {error}")
+    run_tool(main, parse_args, user_errors=(*USER_ERRORS, RuntimeError))  # a server that died
