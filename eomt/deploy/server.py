@@ -22,7 +22,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 from starlette.exceptions import HTTPException
 from torchvision.transforms.v2 import functional as TF
@@ -65,9 +65,13 @@ def decode_image(data: bytes, max_megapixels: float) -> torch.Tensor:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
         raise RequestError(413, f"image too large to decode: {error}") from error
-    except Exception as error:  # PIL raises UnidentifiedImageError and others for non-images
+    except UnidentifiedImageError as error:
         raise RequestError(
-            415, f"the body is not an image file (JPEG, PNG, WebP, TIFF, BMP): {error}"
+            415, "the body is not an image file (JPEG, PNG, WebP, TIFF, BMP): no known format"
+        ) from error
+    except Exception as error:  # a header that announces an image but cannot be read
+        raise RequestError(
+            415, f"the body is not a readable image file ({type(error).__name__}: {error})"
         ) from error
     megapixels = image.width * image.height / 1e6
     if megapixels > max_megapixels:
