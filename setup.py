@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Encoder-only Mask Transformer: a plain ViT for image segmentation",
     packages=find_packages(include=["eomt", "eomt.*"]),
-    package_data={"eomt": ["defaults.yaml"]},
+    package_data={"eomt": ["defaults.yaml", "deploy/page.html"]},
     python_requires=">=3.10",
     install_requires=[
         "torch",
@@ -27,5 +27,6 @@ setup(
         "report": ["matplotlib"],  # tools/report.py, tools/evaluate_checkpoints.py pictures
         "tensorboard": ["tensorboard"],  # logging.tensorboard=true
         "slurm": ["submitit"],  # tools/sweep.py --slurm
+        "serve": ["fastapi", "uvicorn", "python-multipart"],  # tools/serve.py
     },
 )

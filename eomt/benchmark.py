@@ -19,9 +19,9 @@ import warnings
 import torch
 from torch import nn
 
+from eomt.deploy.runtime import FastForward, default_autocast
 from eomt.inference import autocast_for, window_starts
 from eomt.modeling import build_model, count_trainable
-from eomt.deploy.runtime import FastForward, default_autocast
 
 with warnings.catch_warnings():
     # fvcore decorates its focal losses with torch.jit.script, which recent torch deprecates.

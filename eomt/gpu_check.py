@@ -45,9 +45,9 @@ from eomt.benchmark import (
     measure_training,
 )
 from eomt.config import get_cfg
+from eomt.deploy.runtime import RUNTIME_OPTIONS
 from eomt.modeling import build_model
 from eomt.report import paper_row
-from eomt.deploy.runtime import RUNTIME_OPTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 P = "configs/coco/panoptic"
@@ -79,9 +79,10 @@ TINY_OVERRIDES = [
     "m2f.dec_layers=3",
     "loss.num_points=256",
 ]
-# (compile mode, SDPA kernel, weights dtype, autocast) as FastForward takes them (eomt/deploy/runtime.py),
-# cheapest first; CUDA and the CPU dry run. fp32 weights under bf16 autocast, compiled, is the
-# paper's setting; the flash and cuDNN kernels need half-precision inputs.
+# (compile mode, SDPA kernel, weights dtype, autocast) as FastForward takes them
+# (eomt/deploy/runtime.py), cheapest first; CUDA and the CPU dry run. fp32 weights under bf16
+# autocast, compiled, is the paper's setting; the flash and cuDNN kernels need half-precision
+# inputs.
 FAST_PATH_VARIANTS = {
     "cuda": [
         ("none", "auto", "fp32", "none"),
@@ -450,7 +451,15 @@ def step_autotune(run: Run) -> dict:
 
 
 def step_onnx(run: Run) -> dict:
-    from eomt.deploy.onnx_export import check, check_inputs, export, onnx_provider
+    from eomt.deploy.onnx_export import (
+        DEFAULT_MIN_AGREEMENT,
+        DEFAULT_RELATIVE_TOLERANCE,
+        check,
+        check_failures,
+        check_inputs,
+        export,
+        onnx_provider,
+    )
 
     cfg = run.cfg("EoMT-S 640")
     model = run.build(cfg).cpu()
@@ -459,9 +468,15 @@ def step_onnx(run: Run) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         for precision in ("fp32", "fp16"):
             path = export(model, Path(folder) / f"eomt_{precision}.onnx", size, precision=precision)
-            differences = check(model, path, check_inputs(size), result["provider"])
+            comparisons = check(model, path, check_inputs(size), result["provider"])
+            tolerance = DEFAULT_RELATIVE_TOLERANCE[precision]
+            failures = check_failures(comparisons, tolerance, DEFAULT_MIN_AGREEMENT)
             result[precision] = {
-                "max_abs_difference": max(differences.values()),
+                "max_abs_difference": max(c.difference for c in comparisons.values()),
+                "relative_error": max(c.relative for c in comparisons.values()),
+                "label_agreement": comparisons["synthetic scene"].agreement,
+                "agrees": not failures,
+                "precision": f"onnx {precision}",
                 "megabytes": round(path.stat().st_size / 2**20, 1),
             }
     return result

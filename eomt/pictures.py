@@ -173,17 +173,25 @@ def semantic_segments(labels: np.ndarray) -> tuple[np.ndarray, list[dict]]:
 
 
 def instance_segments(
-    masks: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, score_threshold: float
+    result: dict, size: tuple[int, int], score_threshold: float
 ) -> tuple[np.ndarray, list[dict]]:
-    """Instances above `score_threshold` -> (segment map, segments); where instances overlap,
-    the higher score is drawn on top."""
+    """Instances above `score_threshold` -> (segment map of `size`, segments); where instances
+    overlap, the higher score is drawn on top. `result["masks"]` are the image's (M, H, W) or,
+    with `result["boxes"]` (x0, y0, x1, y1) as a tiled prediction gives them, each within its
+    box."""
+    scores, boxes = result["scores"], result.get("boxes")
     keep = (scores >= score_threshold).nonzero().flatten().tolist()
     keep.sort(key=lambda i: float(scores[i]))
-    seg = np.zeros(tuple(masks.shape[-2:]), dtype=np.int64)
+    seg = np.zeros(size, dtype=np.int64)
     segments = []
     for number, index in enumerate(keep, start=1):
-        seg[masks[index].cpu().numpy().astype(bool)] = number
-        segments.append({"id": number, "category_id": int(labels[index]), "isthing": 1})
+        mask = result["masks"][index].cpu().numpy().astype(bool)
+        if boxes is None:
+            seg[mask] = number
+        else:
+            x0, y0, x1, y1 = boxes[index].tolist()
+            seg[y0:y1, x0:x1][mask] = number
+        segments.append({"id": number, "category_id": int(result["labels"][index]), "isthing": 1})
     present = set(np.unique(seg).tolist())
     return seg, [s for s in segments if s["id"] in present]
 
@@ -195,9 +203,7 @@ def draw_semantic(image: np.ndarray, labels: np.ndarray, categories: list[dict])
 def draw_instances(
     image: np.ndarray, result: dict, categories: list[dict], score_threshold: float = 0.5
 ) -> np.ndarray:
-    seg, segments = instance_segments(
-        result["masks"], result["scores"], result["labels"], score_threshold
-    )
+    seg, segments = instance_segments(result, image.shape[:2], score_threshold)
     return draw_panoptic(image, seg, segments, categories)
 
 

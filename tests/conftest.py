@@ -77,3 +77,23 @@ def die_after_logging(monkeypatch):
         monkeypatch.setattr(Trainer, "_log", original_log)
 
     return train
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """`read_only(folder)`: creating `folder` or anything in it is refused, as on a read-only
+    file system (the tests run as root, whom file modes do not stop)."""
+    import errno
+    from pathlib import Path
+
+    mkdir = Path.mkdir
+
+    def make(folder: Path) -> None:
+        def refuse(path, *args, **kwargs):
+            if path == folder or folder in path.parents:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            mkdir(path, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", refuse)
+
+    return make

@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 
-from eomt.inference import predict_logits
 from eomt.deploy.runtime import FastForward
+from eomt.inference import predict_logits
 from tests.test_model import tiny_eomt
 
 pytestmark = [

@@ -115,3 +115,11 @@ def test_the_package_imports_without_the_modules_the_gpu_machine_lacks():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_server_passes_only_as_a_file_not_needed_on_the_gpu(monkeypatch):
+    """Without FILES_NOT_NEEDED_ON_GPU the server's FastAPI import is a problem: the check
+    reads the server, and only that entry lets it pass."""
+    monkeypatch.setattr(gpu_check, "FILES_NOT_NEEDED_ON_GPU", {})
+    imports = gpu_environment.third_party_imports(gpu_environment.gpu_command_files())
+    assert any(p.startswith("fastapi") for p in gpu_environment.import_problems(imports))

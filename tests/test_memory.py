@@ -26,10 +26,10 @@ from PIL import Image
 
 from eomt.data import collate
 from eomt.data.build import build_dataset
-from eomt.evaluation import InstanceEvaluator, PanopticEvaluator, masks_to_panoptic
-from eomt.modeling import build_model
 from eomt.deploy.predictor import Predictor, unique_stems, write_predictions
 from eomt.deploy.streamed_json import RESERVE_MARGIN, StreamedJson
+from eomt.evaluation import InstanceEvaluator, PanopticEvaluator, masks_to_panoptic
+from eomt.modeling import build_model
 from eomt.tasks import infer
 from eomt.tasks.evaluate import build_evaluators, evaluate
 
@@ -226,19 +226,20 @@ def test_predictor_writes_as_it_goes(setup, tmp_path, task):
     predictor.predict = sampled_predict
     tracemalloc.start()
     try:
-        written = write_predictions(
+        summary = write_predictions(
             predictor, paths, tmp_path / "out", task, BATCH, task == "panoptic", progress=False
         )
     finally:
         tracemalloc.stop()
     _assert_flat(_growth(snapshots), bytes_per_image=64)
-    content = json.loads(next(iter(written.values())).read_text())
+    assert summary.predicted == len(paths)
+    content = json.loads(next(iter(summary.files.values())).read_text())
     if task == "panoptic":
         assert [image["id"] for image in content["images"]] == unique_stems(paths)
         assert sum(len(a["segments_info"]) for a in content["annotations"]) > len(paths)
     else:
         assert {result["image_id"] for result in content} == set(unique_stems(paths))
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.json*")) == [*written]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.json*")) == [*summary.files]
 
 
 def test_streamed_json_is_what_json_dump_writes(tmp_path):

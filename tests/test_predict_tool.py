@@ -2,6 +2,7 @@
 
 import errno
 import json
+import re
 import warnings
 
 import numpy as np
@@ -11,11 +12,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torchvision.transforms.v2.functional import to_dtype
 
-from eomt.deploy import streamed_json
+from eomt.cli import run_tool
 from eomt.data import BadSampleError, BadSampleWarning, synthetic_split_paths
-from eomt.engine.trainer import Trainer
-from eomt.evaluation.instance import COCO_STATS
-from eomt.evaluation.panoptic_io import read_panoptic_png
+from eomt.deploy import streamed_json
 from eomt.deploy.predictor import (
     ACCEPTED_IMAGES,
     Predictor,
@@ -25,6 +24,9 @@ from eomt.deploy.predictor import (
     unique_stems,
     write_predictions,
 )
+from eomt.engine.trainer import Trainer
+from eomt.evaluation.instance import COCO_STATS
+from eomt.evaluation.panoptic_io import read_panoptic_png
 from eomt.tasks import instance, panoptic
 from eomt.weights.files import save_weights
 from tests.test_weights import CLASSES, L2, tiny_model
@@ -36,15 +38,21 @@ CATEGORIES = [
 ]
 
 
-@pytest.fixture
-def weights(tmp_path):
+def save_segmenting_tiny_model(folder):
+    """A tiny random model that predicts segments (its mask logits shifted up, no score
+    threshold), saved with CATEGORIES in `folder`/model.safetensors."""
     model, cfg = tiny_model()
     with torch.no_grad():  # random mask logits are mostly negative: shift them up
         model.upscale[-1].norm.bias.fill_(0.3)
         model.mask_head[4].bias.fill_(0.05)
     cfg.test.score_threshold = 0.0  # random weights: keep every segment
     cfg.test.overlap_threshold = 0.0
-    return save_weights(model, cfg, CATEGORIES, tmp_path / "model.safetensors")
+    return save_weights(model, cfg, CATEGORIES, folder / "model.safetensors")
+
+
+@pytest.fixture
+def weights(tmp_path):
+    return save_segmenting_tiny_model(tmp_path)
 
 
 @pytest.fixture
@@ -60,7 +68,7 @@ def image_dir(tmp_path):
 
 
 def run(weights, inputs, output, *extra):
-    main(
+    return main(
         parse_args(
             [
                 "--weights",
@@ -155,18 +163,28 @@ def test_categories_from_a_file_and_names(tmp_path):
 
 
 def test_unreadable_image_stops_keeping_earlier_predictions_or_is_skipped(
-    weights, image_dir, tmp_path
+    weights, image_dir, tmp_path, capsys
 ):
     broken = image_dir / "b.jpg"
     broken.write_bytes(broken.read_bytes()[:60])
-    with pytest.raises(BadSampleError, match=f"{broken}: image file is corrupt, truncated"):
-        run(weights, image_dir, tmp_path / "stop", "--batch-size", "1", "--no-overlay")
-    # a.png, predicted before it, is in a complete panoptic.json.
+    message = (
+        f"{broken}: image file is corrupt, truncated.*; stopped there: 1 predicted, 0 skipped, "
+        f"1 failed, 1 not reached \\(the 1 predicted are in {tmp_path / 'stop' / 'panoptic.json'}; "
+        "--bad-images skip leaves such images out\\)"
+    )
+    with pytest.raises(BadSampleError, match=message):
+        run(weights, image_dir, tmp_path / "stop", "--no-overlay")
+    # a.png, predicted before it in the same batch, is in a complete panoptic.json.
     done = json.load(open(tmp_path / "stop" / "panoptic.json"))
     assert [image["file_name"] for image in done["images"]] == ["a.png"]
 
     with pytest.warns(BadSampleWarning, match="b.jpg"):
-        run(weights, image_dir, tmp_path / "skip", "--bad-images", "skip", "--no-overlay")
+        summary = run(weights, image_dir, tmp_path / "skip", "--bad-images", "skip", "--no-overlay")
+    assert (summary.predicted, summary.skipped, summary.failed) == (2, 1, 0)
+    assert capsys.readouterr().out.startswith(
+        f"3 images: 2 predicted, 1 skipped, 0 failed -> {tmp_path / 'skip'} "
+        "(panoptic.json, skipped_images.txt); the model ran in fp32"
+    )
     written = json.load(open(tmp_path / "skip" / "panoptic.json"))
     assert [(i["id"], i["file_name"]) for i in written["images"]] == [
         ("a", "a.png"),
@@ -175,6 +193,49 @@ def test_unreadable_image_stops_keeping_earlier_predictions_or_is_skipped(
     assert [a["image_id"] for a in written["annotations"]] == ["a", "c"]
     listed = (tmp_path / "skip" / "skipped_images.txt").read_text().splitlines()
     assert len(listed) == 1 and str(broken) in listed[0]
+
+
+POSITIONS = {"first": 0, "middle": 2, "end of a batch": 3, "last": 5, "alone": 0}
+
+
+@pytest.mark.parametrize("bad_images", ["skip", "stop"])
+@pytest.mark.parametrize("batch_size", [1, 4])
+@pytest.mark.parametrize("position", POSITIONS)
+def test_an_unreadable_image_costs_no_other_image_its_prediction(
+    weights, tmp_path, position, batch_size, bad_images
+):
+    """Six images (batches of 4: [0-3], [4, 5]), or one alone, one of them unreadable: with
+    skip every other image is predicted; with stop every image before it, and the error
+    counts them."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    count = 1 if position == "alone" else 6
+    for index in range(count):
+        pixels = rng.integers(0, 256, size=(24 + 4 * index, 32, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+    bad = POSITIONS[position]
+    (folder / f"{bad}.png").write_bytes(b"not a png")
+    paths, out = find_images(folder), tmp_path / "out"
+    predictor = Predictor.from_checkpoint(weights, device="cpu")
+    kwargs = dict(batch_size=batch_size, overlay=False, progress=False, bad_images=bad_images)
+    if bad_images == "skip":
+        with pytest.warns(BadSampleWarning, match=f"{bad}.png"):
+            summary = write_predictions(predictor, paths, out, **kwargs)
+        predicted = [i for i in range(count) if i != bad]
+        assert (summary.predicted, summary.skipped, summary.failed) == (count - 1, 1, 0)
+        assert summary.not_reached == 0
+    else:
+        with pytest.raises(BadSampleError, match=f"{bad}.png") as caught:
+            write_predictions(predictor, paths, out, **kwargs)
+        summary, predicted = caught.value.summary, list(range(bad))
+        assert (summary.predicted, summary.skipped, summary.failed) == (bad, 0, 1)
+        assert summary.not_reached == count - bad - 1
+        described = f"stopped there: {bad} predicted, 0 skipped, 1 failed"
+        assert described in str(caught.value)
+    content = json.load(open(out / "panoptic.json"))
+    assert [image["file_name"] for image in content["images"]] == [f"{i}.png" for i in predicted]
+    assert sorted(p.name for p in (out / "panoptic").iterdir()) == [f"{i}.png" for i in predicted]
 
 
 # ----------------------------------------------------------------------------- input contract
@@ -465,3 +526,135 @@ def test_write_predictions_checks_its_counts(weights, image_dir, tmp_path):
         write_predictions(predictor, [image_dir / "a.png"], tmp_path, batch_size=0)
     with pytest.raises(ValueError, match="got 4 and -2"):
         write_predictions(predictor, [image_dir / "a.png"], tmp_path, show_queries=-2)
+
+
+# ----------------------------------------------------------------------------- user errors
+
+
+def test_user_errors_are_one_line(weights, image_dir, tmp_path, capsys):
+    """A user's mistake ends in one line `error: ...` naming the file or option, status 2."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("")
+    w = ["--weights", str(weights)]
+    io = ["--input", str(image_dir), "--output", str(tmp_path / "out")]
+    cases = {
+        "weights": (["--weights", "gone.pth", *io], "error: checkpoint not found: gone.pth"),
+        "no folder": (
+            [*w, "--input", "gone/", "--output", "out"],
+            "error: gone/: no such image or folder",
+        ),
+        "empty folder": (
+            [*w, "--input", str(tmp_path / "empty"), "--output", "out"],
+            rf"error: no images \(.*\) found at {tmp_path / 'empty'}",
+        ),
+        "task": ([*w, *io, "--task", "depth"], "error: argument --task: invalid choice: 'depth'"),
+        "options": (
+            [*w, *io, "--weights-dtype", "bf16", "--autocast", "bf16"],
+            "error: --autocast: autocast bf16 with bf16 weights would recast them",
+        ),
+        "coco-json": (
+            [*w, "--input", str(image_dir / "a.png"), "--output", "out", "--coco-json", "x.json"],
+            "error: .*a.png is not a folder; the images of x.json are found in one",
+        ),
+        "output": (
+            [*w, "--input", str(image_dir), "--output", str(tmp_path / "file" / "out")],
+            rf"error: \[Errno 20\] Not a directory: '{tmp_path / 'file' / 'out'}'",
+        ),
+    }
+    for case, (argv, message) in cases.items():
+        with pytest.raises(SystemExit) as caught:
+            run_tool(main, parse_args, argv)
+        assert caught.value.code == 2, case
+        (line,) = capsys.readouterr().err.splitlines()
+        assert re.fullmatch(message + ".*", line), (case, line)
+
+
+def test_a_read_only_output_is_one_line(weights, image_dir, tmp_path, capsys, read_only):
+    read_only(tmp_path / "ro")
+    argv = ["--weights", str(weights), "--input", str(image_dir), "--output", str(tmp_path / "ro")]
+    with pytest.raises(SystemExit) as caught:
+        run_tool(main, parse_args, [*argv, "--quiet"])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == f"error: [Errno 13] Permission denied: '{tmp_path / 'ro'}'\n"
+
+
+# ----------------------------------------------------------------------------- tiles
+
+
+def test_an_image_no_larger_than_a_tile_gives_the_untiled_result(weights):
+    untiled = Predictor.from_checkpoint(weights, device="cpu")
+    tiled = Predictor.from_checkpoint(weights, device="cpu", tile=32, overlap=8)
+    rng = np.random.default_rng(3)
+    for size in ((30, 20), (32, 32), (12, 31)):  # the tiny model's input is 32 x 32
+        image = rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)
+        seg, segments = untiled(image, "panoptic")
+        assert segments, "a score threshold of 0 keeps segments"
+        tiled_seg, tiled_segments = tiled(image, "panoptic")
+        assert torch.equal(tiled_seg, seg) and tiled_segments == segments
+        assert torch.equal(tiled(image, "semantic"), untiled(image, "semantic"))
+        # Instances: the same, each mask within its box, best score first, empty ones left out.
+        expected = untiled(image, "instance")
+        got = tiled(image, "instance")
+        order = expected["scores"].argsort(descending=True, stable=True)
+        order = order[expected["masks"][order].flatten(1).any(1)]
+        assert torch.equal(got["scores"], expected["scores"][order])
+        assert torch.equal(got["category_ids"], expected["category_ids"][order])
+        for box, mask, full in zip(got["boxes"].tolist(), got["masks"], expected["masks"][order]):
+            x0, y0, x1, y1 = box
+            pasted = torch.zeros_like(full)
+            pasted[y0:y1, x0:x1] = mask
+            assert torch.equal(pasted, full)
+
+
+def test_predict_tool_tiles_large_images(weights, image_dir, tmp_path, capsys):
+    """a.png (40 x 56) and b.jpg (48 x 48) in tiles of 32 (the tiny model's input size)."""
+    out = tmp_path / "out"
+    run(weights, image_dir, out, "--tile", "32", "--tile-overlap", "8", "--batch-size", "3")
+    assert capsys.readouterr().out.startswith("3 images: 3 predicted, 0 skipped, 0 failed")
+    content = json.loads((out / "panoptic.json").read_text())
+    for annotation, info in zip(content["annotations"], content["images"]):
+        seg = read_panoptic_png(out / "panoptic" / annotation["file_name"])
+        assert seg.shape == (info["height"], info["width"])  # full resolution
+        segments = annotation["segments_info"]
+        assert sorted(s["id"] for s in segments) == sorted(set(np.unique(seg).tolist()) - {0})
+        for segment in segments:
+            assert segment["area"] == int((seg == segment["id"]).sum())
+    assert (out / "overlay" / "a.png").is_file()
+
+    run(weights, image_dir / "a.png", tmp_path / "ins", "--task", "instance", "--tile", "32")
+    results = json.loads((tmp_path / "ins" / "instances.json").read_text())
+    assert results and {r["category_id"] for r in results} <= {c["id"] for c in CATEGORIES[:3]}
+    predictor = Predictor.from_checkpoint(weights, device="cpu", tile=32, overlap=0.25)
+    expected = predictor(image_dir / "a.png", "instance")
+    assert len(results) == len(expected["scores"])
+    for result, box, mask in zip(results, expected["boxes"].tolist(), expected["masks"]):
+        decoded = mask_utils.decode(result["segmentation"])
+        assert decoded.shape == (40, 56)
+        x0, y0, x1, y1 = box
+        assert decoded.sum() == decoded[y0:y1, x0:x1].sum() == int(mask.sum())
+        assert np.array_equal(decoded[y0:y1, x0:x1], mask.numpy())
+    assert (tmp_path / "ins" / "overlay" / "a.png").is_file()
+
+    run(weights, image_dir / "a.png", tmp_path / "sem", "--task", "semantic", "--tile", "32")
+    labels = np.asarray(Image.open(tmp_path / "sem" / "semantic" / "a.png"))
+    assert labels.shape == (40, 56) and labels.max() < CLASSES
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tile-overlap", "8"], "error: --tile-overlap needs --tile"),
+        (["--tile", "32", "--show-queries", "2"], "error: --show-queries draws the untiled"),
+        (["--tile", "64"], "error: tile 64 must be in 1..32: the model's input is 32x32, and a"),
+        (["--tile", "32", "--tile-overlap", "32"], r"error: overlap 32 must be in 0..31 pixels"),
+        (["--tile", "32", "--tile-overlap", "x"], "error: argument --tile-overlap: expected pix"),
+    ],
+    ids=["overlap-alone", "queries", "too-large", "overlap", "not-a-number"],
+)
+def test_tile_option_errors_are_one_line(weights, image_dir, tmp_path, capsys, extra, message):
+    argv = ["--weights", str(weights), "--input", str(image_dir), "--output", str(tmp_path)]
+    with pytest.raises(SystemExit) as caught:
+        run_tool(main, parse_args, [*argv, *extra])
+    assert caught.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.match(message, line), line

@@ -5,9 +5,9 @@ import torch
 from omegaconf import OmegaConf
 
 from eomt.data import generate_synthetic_dataset
+from eomt.deploy.predictor import Predictor
 from eomt.engine.checkpoint import checkpoints_newest_first
 from eomt.engine.trainer import Trainer, accumulation_steps
-from eomt.deploy.predictor import Predictor
 from eomt.weights.files import read_checkpoint
 
 

@@ -20,14 +20,13 @@ import argparse
 import json
 
 from eomt.benchmark import benchmark
+from eomt.cli import ToolParser, run_tool
 from eomt.config import get_cfg
 from eomt.deploy.runtime import add_runtime_arguments, check_runtime_arguments
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config-file", nargs="+", required=True, help="YAML config(s)")
     parser.add_argument("--fps", action="store_true", help="also time the inference forward")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="for --fps")
@@ -120,4 +119,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    run_tool(main, parse_args)

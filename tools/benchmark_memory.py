@@ -32,8 +32,8 @@ import torch
 from eomt.config import get_cfg
 from eomt.data import generate_synthetic_dataset, synthetic_split_paths
 from eomt.data.build import build_dataset, build_test_loader
-from eomt.modeling import build_model
 from eomt.deploy.predictor import Predictor, find_images, write_predictions
+from eomt.modeling import build_model
 from eomt.tasks import get_task
 from eomt.tasks.evaluate import build_evaluators, evaluate
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from eomt.cli import ToolParser
 from eomt.deploy.predictor import read_categories
 from eomt.weights import load_model
 from eomt.weights.export import official_state_dict, save_hf
@@ -35,9 +36,7 @@ from eomt.weights.files import save_atomic, save_weights
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("input", help="checkpoint file or Hugging Face model folder")
     parser.add_argument(
         "output", help="file (ours: .safetensors or .pth; official: .bin) or folder (hf)"

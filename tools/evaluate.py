@@ -28,16 +28,14 @@ null).
 
 import argparse
 import json
-import sys
 
+from eomt.cli import ToolParser, run_tool
 from eomt.evaluation.files import json_ready
 from eomt.tasks import TASKS
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = parser.add_subparsers(dest="task", required=True)
     for name, task in TASKS.items():
         subparser = tasks.add_parser(name, help=task.files_help)
@@ -56,7 +54,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    run_tool(main)

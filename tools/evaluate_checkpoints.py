@@ -15,15 +15,13 @@ add the new ones.
 """
 
 import argparse
-import sys
 
+from eomt.cli import ToolParser, run_tool
 from eomt.engine.checkpoint_series import PLOT_FILE, SERIES_FILE, evaluate_series, format_series
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="a training run's output_dir")
     parser.add_argument(
         "--every", type=int, default=1, help="every N-th checkpoint, and the last (default: all)"
@@ -41,7 +39,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    run_tool(main)

@@ -88,6 +88,10 @@ MODULES_NOT_NEEDED_ON_GPU = {
     "pyspng": "faster panoptic PNG decoding; Pillow decodes the same pixels without it",
     "wandb": "logging to wandb (wandb.enabled=true) only",
 }
+# Package files this command never imports (directly or not), with modules in neither.
+FILES_NOT_NEEDED_ON_GPU = {
+    "eomt/deploy/server.py": "the HTTP service (tools/serve.py): FastAPI and Starlette",
+}
 WHEEL_PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 
 

@@ -5,7 +5,8 @@ wheels (GPU_WHEELS) and nothing else. So every third-party module that the packa
 the GPU command (tools/gpu_check.py, the scripts and test files it runs, tests/conftest.py and
 what they import from this repository) imports must come from one of the two; a module of
 neither may only be imported inside functions, by features the command never uses, and is
-listed with the reason (MODULES_NOT_NEEDED_ON_GPU).
+listed with the reason (MODULES_NOT_NEEDED_ON_GPU), or by package files that neither the
+command nor the rest of the package imports (FILES_NOT_NEEDED_ON_GPU: the HTTP service).
 
     python -m tools.gpu_environment                         # what fails that rule (exit 1)
     python -m tools.gpu_environment --standin-requirements  # what `make gpu-standin` installs
@@ -97,10 +98,15 @@ def local_file(module: str, importer: Path) -> Path | None:
 
 
 def gpu_command_files() -> list[Path]:
-    """The package's files and the GPU command's, with the repository files they import."""
+    """The package's files (but FILES_NOT_NEEDED_ON_GPU) and the GPU command's, with the
+    repository files they import (a file not needed that one of them imports included)."""
     start = [REPO / "tools/gpu_check.py", REPO / "tests/conftest.py"]
     start += [REPO / p for p in [*checks.GPU_COMMAND_SCRIPTS, *checks.GPU_TEST_FILES]]
-    start += sorted((REPO / "eomt").rglob("*.py"))
+    start += [
+        path
+        for path in sorted((REPO / "eomt").rglob("*.py"))
+        if path.relative_to(REPO).as_posix() not in gpu_check.FILES_NOT_NEEDED_ON_GPU
+    ]
     files, queue = set(), list(start)
     while queue:
         path = queue.pop()

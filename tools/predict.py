@@ -7,19 +7,27 @@
         --input images/ --output out --show-queries 4
     python tools/predict.py --weights model.pth --input datasets/coco/val2017 --output out \\
         --coco-json datasets/coco/annotations/panoptic_val2017.json
+    python tools/predict.py --weights model.pth --input aerial/ --output out --tile 640
 
 Writes PNG/JSON predictions (COCO panoptic format for panoptic, COCO results for instance,
 label PNGs for semantic) and overlay pictures; runs on the GPU when there is one. Outputs are
 named by the image's file stem, which is also its image id (a string); with --coco-json they
 take the JSON's image ids and file names, so that tools/evaluate.py scores them against it.
+With --tile, images larger than a tile are predicted at full resolution in overlapping tiles.
 """
 
 import argparse
-import sys
 
-from eomt.data import BadSampleError
-from eomt.deploy.predictor import Predictor, find_images, read_coco_images, write_predictions
-from eomt.deploy.runtime import add_runtime_arguments, check_runtime_arguments
+from eomt.cli import ToolParser, run_tool
+from eomt.deploy.predictor import (
+    PredictionSummary,
+    add_predictor_arguments,
+    find_images,
+    predictor_from_arguments,
+    read_coco_images,
+    write_predictions,
+)
+from eomt.deploy.runtime import check_runtime_arguments
 
 
 def _int_at_least(minimum: int):
@@ -37,11 +45,21 @@ def _int_at_least(minimum: int):
     return parse
 
 
+def _overlap(text: str) -> int | float:
+    """An argparse type: pixels (an integer) or a fraction of the tile (a number below 1)."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected pixels or a fraction, got {text!r}") from None
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("--weights", required=True, help="checkpoint file or HF model folder")
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_predictor_arguments(parser)
     parser.add_argument(
         "--input",
         required=True,
@@ -61,17 +79,12 @@ def parse_args(argv=None):
         "truth), found under --input by file_name, with its image ids and file names; a listed "
         "image missing from the folder is a bad image (--bad-images)",
     )
-    parser.add_argument("--batch-size", type=_int_at_least(1), default=4)
     parser.add_argument(
-        "--categories",
-        help="class names: ade20k, ade20k_panoptic, cityscapes or a COCO-format JSON file "
-        "(default: those in the checkpoint, else 'class N')",
+        "--batch-size",
+        type=_int_at_least(1),
+        default=4,
+        help="images per forward (with --tile: tiles per forward)",
     )
-    parser.add_argument("--base-weights", help="DINOv3 backbone file of official delta weights")
-    parser.add_argument(
-        "--image-size", type=int, nargs=2, metavar=("H", "W"), help="input size of the model"
-    )
-    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--no-overlay", action="store_true", help="skip the overlay pictures")
     parser.add_argument(
         "--show-queries",
@@ -88,35 +101,45 @@ def parse_args(argv=None):
         "--bad-images",
         choices=("stop", "skip"),
         default="stop",
-        help="an image that cannot be read stops the run (the JSON keeps the images before "
-        "it), or is left out and listed in skipped_images.txt",
+        help="an image that cannot be read stops the run (every image before it predicted "
+        "and written), or is left out and listed in skipped_images.txt",
+    )
+    parser.add_argument(
+        "--tile",
+        type=_int_at_least(1),
+        metavar="SIZE",
+        help="predict images larger than SIZE x SIZE at full resolution in overlapping tiles "
+        "(at most the model's input size), objects across tile borders joined",
+    )
+    parser.add_argument(
+        "--tile-overlap",
+        type=_overlap,
+        metavar="PIXELS_OR_FRACTION",
+        help="how much neighbouring tiles overlap: pixels (64) or a fraction of the tile "
+        "(0.25, the default)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_runtime_arguments(
-        parser, "the checkpoint's solver.amp on CUDA with fp32 weights; else none"
-    )
     args = parser.parse_args(argv)
     check_runtime_arguments(parser, args)
+    if args.tile is None and args.tile_overlap is not None:
+        parser.error("--tile-overlap needs --tile")
+    if args.tile is not None and args.show_queries:
+        parser.error("--show-queries draws the untiled prediction: not with --tile")
     return args
 
 
-def main(args) -> None:
-    predictor = Predictor.from_checkpoint(
-        args.weights,
-        device=args.device,
-        categories=args.categories,
-        base_weights=args.base_weights,
-        image_size=args.image_size,
-        compile_mode=args.compile,
-        sdpa_backend=args.sdpa_backend,
-        weights_dtype=args.weights_dtype,
-        autocast=args.autocast,
+def main(args) -> PredictionSummary:
+    predictor = predictor_from_arguments(
+        args,
+        tile=args.tile,
+        overlap=0.25 if args.tile_overlap is None else args.tile_overlap,
+        tile_batch=args.batch_size,
     )
     if args.coco_json:
         paths, images = read_coco_images(args.coco_json, args.input)
     else:
         paths, images = find_images(args.input), None
-    written = write_predictions(
+    summary = write_predictions(
         predictor,
         paths,
         args.output,
@@ -129,13 +152,14 @@ def main(args) -> None:
         bad_images=args.bad_images,
         images=images,
     )
-    files = ", ".join(written) or "per-image files"
+    files = ", ".join(summary.files) or "per-image files"
     precision = predictor.forward.describe()["precision"]
-    print(f"{len(paths)} images -> {args.output} ({files}); the model ran in {precision}")
+    print(
+        f"{summary.total} images: {summary.describe()} -> {args.output} ({files}); "
+        f"the model ran in {precision}"
+    )
+    return summary
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except (OSError, BadSampleError) as error:  # a full disk, a bad image: said in the message
-        sys.exit(f"error: {error}")
+    run_tool(main, parse_args)

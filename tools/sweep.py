@@ -25,6 +25,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from eomt.cli import ToolParser
 from eomt.config import ConfigError
 from eomt.sweep import execute, load_sweep, run_state
 
@@ -32,9 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("sweep", help="sweep YAML file")
     parser.add_argument("--output", default="output/sweeps", help="folder of the sweeps")
     parser.add_argument("--dry-run", action="store_true", help="check and list the runs")

@@ -9,17 +9,15 @@ Multi-node: start one process per GPU with torchrun (it sets WORLD_SIZE, RANK, L
 """
 
 import argparse
-import sys
 
+from eomt.cli import ToolParser, run_tool
 from eomt.config import get_cfg
 from eomt.distributed import launch
 from eomt.engine.trainer import Trainer
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config-file", required=True, help="YAML config")
     parser.add_argument(
         "--eval-only",
@@ -50,9 +48,9 @@ def main(args) -> None:
     trainer.train()
 
 
+def launch_main(args) -> None:
+    launch(main, args.num_gpus, (args,))
+
+
 if __name__ == "__main__":
-    args = parse_args()
-    try:
-        launch(main, args.num_gpus, (args,))
-    except (ValueError, FileNotFoundError, FileExistsError) as error:  # ConfigError included
-        sys.exit(f"error: {error}")
+    run_tool(launch_main, parse_args)  # a config error, a missing file: one line, exit 2

@@ -3,6 +3,7 @@
 import glob
 import json
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,10 @@ from tqdm import tqdm
 from eomt.data import BadSampleError, BadSampleWarning, load_image
 from eomt.data.categories import ade20k_categories, cityscapes_categories
 from eomt.data.images import IMAGE_SUFFIXES, rgb_pixels
+from eomt.deploy.runtime import FastForward, add_runtime_arguments, default_autocast
+from eomt.deploy.tiling import overlap_pixels, tile_grid
 from eomt.inference import resize_and_pad, restore_logits, to_uint8
 from eomt.pictures import draw_query_masks
-from eomt.deploy.runtime import FastForward, default_autocast
 from eomt.tasks import get_task, infer
 from eomt.weights import load_model
 
@@ -75,6 +77,8 @@ def find_images(spec: str | Path) -> list[Path]:
         return [path]
     if path.is_dir():
         files = [p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
+    elif not glob.has_magic(str(spec)):
+        raise FileNotFoundError(f"{spec}: no such image or folder")
     else:
         files = [Path(p) for p in glob.glob(str(spec), recursive=True)]
         files = [p for p in files if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
@@ -123,10 +127,41 @@ class Predictor:
     category_ids (M,)}. A label is a contiguous class index into `predictor.categories`, a
     category id the dataset's id of that class (`categories[label]["id"]`, as in the JSON
     files `write_predictions` writes). `predict(images, task)` does the same for a batch.
+
+    With `tile` (pixels, at most the model's input size), images larger than a tile are
+    predicted at full resolution in overlapping tiles (`eomt.deploy.tiling`; `overlap` in
+    pixels, or as a fraction of the tile), `tile_batch` tiles per forward, and the tiles'
+    results joined: panoptic segments and instances of one object across tile borders become
+    one, each pixel's semantic label comes from one tile. The results keep the untiled form
+    (an image no larger than a tile gives exactly the untiled result), except instances: each
+    mask within its box, {"boxes" (M, 4) (x0, y0, x1, y1), "masks" [M (y1 - y0, x1 - x0)],
+    "scores", "labels", "category_ids"}, best score first.
     """
 
-    def __init__(self, model, cfg, categories: list[dict], device=None, **runtime):
+    def __init__(
+        self,
+        model,
+        cfg,
+        categories: list[dict],
+        device=None,
+        tile: int | None = None,
+        overlap: int | float = 0.25,
+        tile_batch: int = 8,
+        **runtime,
+    ):
         self.cfg, self.categories = cfg, categories
+        if tile is not None:
+            largest = min(cfg.input.image_size)
+            if not 0 < tile <= largest:
+                raise ValueError(
+                    f"tile {tile} must be in 1..{largest}: the model's input is "
+                    f"{cfg.input.image_size[0]}x{cfg.input.image_size[1]}, and a larger tile "
+                    "would be shrunk"
+                )
+            if tile_batch < 1:
+                raise ValueError(f"tile_batch must be >= 1, got {tile_batch}")
+            overlap = overlap_pixels(overlap, tile)
+        self.tile, self.overlap, self.tile_batch = tile, overlap, tile_batch
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         num_classes = getattr(model, "num_classes", len(categories))
@@ -146,7 +181,7 @@ class Predictor:
     ) -> "Predictor":
         """Any checkpoint `eomt.from_checkpoint` reads. Ours carry their config and class
         names; `categories` (a name or a JSON file, see `read_categories`) names the classes
-        of weights that do not."""
+        of weights that do not. `runtime`: the tiling and FastForward options of `Predictor`."""
         model, cfg, own_categories = load_model(path, base_weights, image_size)
         if categories is not None:
             own_categories = read_categories(categories)
@@ -163,8 +198,24 @@ class Predictor:
         """Results for a batch of images (see the class docstring) of any sizes."""
         task = get_task(task or self.cfg.task)
         tensors = [as_image_tensor(image) for image in images]
+        if self.tile is None:
+            return self._predict(tensors, task)
+        return [self._predict_tiled(tensor, task) for tensor in tensors]
+
+    def _predict(self, tensors: list[torch.Tensor], task) -> list:
         results = infer(self.forward, tensors, self.cfg, self.categories, [task.name])[-1]
         return [task.public(result[task.name], self.categories) for result in results]
+
+    def _predict_tiled(self, image: torch.Tensor, task):
+        height, width = image.shape[-2:]
+        tiles = tile_grid(height, width, self.tile, self.overlap)
+
+        def results():  # one batch of tiles at a time
+            for start in range(0, len(tiles), self.tile_batch):
+                batch = tiles[start : start + self.tile_batch]
+                yield from self._predict([image[:, t.y0 : t.y1, t.x0 : t.x1] for t in batch], task)
+
+        return task.stitch(tiles, results(), height, width, self.categories, self.cfg.test)
 
     @torch.no_grad()
     def query_predictions(self, image, num_queries: int = 4):
@@ -201,6 +252,41 @@ class Predictor:
         return masks, classes, queries, names
 
 
+def add_predictor_arguments(parser) -> None:
+    """--weights, --categories, --base-weights, --image-size, --device and the runtime options
+    (eomt/deploy/runtime.py), as the tools that load a Predictor take them."""
+    parser.add_argument("--weights", required=True, help="checkpoint file or HF model folder")
+    parser.add_argument(
+        "--categories",
+        help="class names: ade20k, ade20k_panoptic, cityscapes or a COCO-format JSON file "
+        "(default: those in the checkpoint, else 'class N')",
+    )
+    parser.add_argument("--base-weights", help="DINOv3 backbone file of official delta weights")
+    parser.add_argument(
+        "--image-size", type=int, nargs=2, metavar=("H", "W"), help="input size of the model"
+    )
+    parser.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    add_runtime_arguments(
+        parser, "the checkpoint's solver.amp on CUDA with fp32 weights; else none"
+    )
+
+
+def predictor_from_arguments(args, **options) -> Predictor:
+    """The Predictor the arguments of `add_predictor_arguments` describe (`options`: tiling)."""
+    return Predictor.from_checkpoint(
+        args.weights,
+        device=args.device,
+        categories=args.categories,
+        base_weights=args.base_weights,
+        image_size=args.image_size,
+        compile_mode=args.compile,
+        sdpa_backend=args.sdpa_backend,
+        weights_dtype=args.weights_dtype,
+        autocast=args.autocast,
+        **options,
+    )
+
+
 def unique_stems(paths: list[Path]) -> list[str]:
     """Output names: the file stems, numbered where two files share one."""
     seen: dict[str, int] = {}
@@ -235,6 +321,28 @@ def read_coco_images(json_path: str | Path, image_dir: str | Path) -> tuple[list
     return [Path(image_dir, image["file_name"]) for image in images], images
 
 
+@dataclass
+class PredictionSummary:
+    """What `write_predictions` did with its images: `predicted` (written), `skipped` (could
+    not be read, left out), `failed` (stopped the run) and, after a stop, those not reached;
+    `files`: the written files other than per-image ones, by name."""
+
+    total: int
+    predicted: int = 0
+    skipped: int = 0
+    failed: int = 0
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def not_reached(self) -> int:
+        return self.total - self.predicted - self.skipped - self.failed
+
+    def describe(self) -> str:
+        """E.g. '2 predicted, 1 skipped, 0 failed' (and ', 3 not reached' after a stop)."""
+        text = f"{self.predicted} predicted, {self.skipped} skipped, {self.failed} failed"
+        return text + (f", {self.not_reached} not reached" if self.not_reached else "")
+
+
 def write_predictions(
     predictor: Predictor,
     paths: list[Path],
@@ -248,7 +356,7 @@ def write_predictions(
     bad_images: str = "stop",
     images: list[dict] | None = None,
     on_batch=None,
-) -> dict[str, Path]:
+) -> PredictionSummary:
     """Predict `paths` in batches and write, under `output_dir`:
 
     panoptic: panoptic/<name>.png (segment ids as R + 256 G + 256^2 B) and panoptic.json
@@ -265,14 +373,18 @@ def write_predictions(
     scores the outputs against that ground truth. Without, <name> is the file's stem (numbered
     where two share one) and the image id is that name, a string, which matches no dataset id.
 
-    An image that cannot be read (missing, truncated, not an image) stops the run with
-    `bad_images="stop"`, after the JSON file is completed with the images before it; with
-    "skip" it is left out, with a warning, and listed with its problem in skipped_images.txt.
-    An output that cannot be written (a full disk) stops the run with an OSError naming it:
-    that image's files are removed and the JSON file holds the images completed before it
-    (`StreamedJson` keeps the room to complete it). Returns the paths of the files other than
-    per-image ones. `on_batch(images done, results)`, if given, sees each batch's results once
-    written (for benchmarks).
+    Each batch's images are read first and the readable ones predicted, so that an image that
+    cannot be read (missing, truncated, not an image) never costs another its prediction. With
+    `bad_images="stop"` such an image stops the run after every image before it is written
+    (the JSON file completed with them); with "skip" it is left out, with a warning, and listed
+    with its problem in skipped_images.txt. An output that cannot be written (a full disk)
+    stops the run with an OSError naming it: that image's files are removed and the JSON file
+    holds the images completed before it (`StreamedJson` keeps the room to complete it). The
+    error that stops a run says how many images were predicted, skipped, failed and not
+    reached, and carries them as its `summary`.
+
+    Returns the `PredictionSummary`. `on_batch(images done, results)`, if given, sees each
+    batch's results once written (for benchmarks).
     """
     if bad_images not in ("stop", "skip"):
         raise ValueError(f"bad_images must be 'stop' or 'skip', got {bad_images!r}")
@@ -294,20 +406,23 @@ def write_predictions(
     file_names = [image["file_name"] for image in images] if images else [p.name for p in paths]
     names = unique_stems([Path(file_name) for file_name in file_names])
     image_ids = [image["id"] for image in images] if images else names
-    skipped, completed = [], 0
+    summary = PredictionSummary(len(paths))
+    skipped = []
     bar = tqdm(total=len(paths), desc="predict", unit="image", disable=not progress)
     try:
         for start in range(0, len(paths), batch_size):
-            indices, batch = [], []
+            indices, batch, stop = [], [], None
             for index in range(start, min(start + batch_size, len(paths))):
                 try:
                     batch.append(load_image(paths[index]))
                     indices.append(index)
                 except BadSampleError as error:
-                    if bad_images == "stop":
-                        raise
+                    if bad_images == "stop":  # the images before it are still predicted
+                        stop = error
+                        break
                     warnings.warn(f"image left out: {error}", BadSampleWarning, stacklevel=2)
                     skipped.append(str(error))
+                    summary.skipped += 1
             results = predictor.predict(batch, task.name) if batch else []
             for index, image, result in zip(indices, batch, results):
                 pngs, entries = _image_outputs(
@@ -322,41 +437,48 @@ def write_predictions(
                     score_threshold,
                 )
                 _write_image(output_dir, names[index], pngs, json_file, entries)
-                completed += 1
+                summary.predicted += 1
+            if stop is not None:
+                summary.failed += 1
+                raise stop
             bar.update(min(batch_size, len(paths) - start))
             if on_batch is not None:
                 on_batch(min(start + batch_size, len(paths)), results)
     except BadSampleError as error:
-        if json_file is not None:  # what was predicted before it is kept
-            json_file.close()
-        raise BadSampleError(
-            f"{error}; the predictions of the images before it are in {output_dir} "
-            "(bad_images='skip' leaves such images out)"
-        ) from error
+        kept = json_file.close() if json_file is not None else output_dir
+        stopped = BadSampleError(
+            f"{error}; stopped there: {summary.describe()} (the {summary.predicted} "
+            f"predicted are in {kept}; --bad-images skip leaves such images out)",
+            error.path,
+        )
+        stopped.summary = summary
+        raise stopped from error
     except _OutputWriteError as failed:
         error = failed.__cause__
+        summary.failed += 1
         if json_file is not None:
-            kept = f"{json_file.close()} holds the {completed} images completed before it"
+            kept = f"{json_file.close()} holds the {summary.predicted} images completed before it"
         else:
-            kept = f"the {completed} images completed before it are in {output_dir}"
-        raise OSError(
+            kept = f"the {summary.predicted} images completed before it are in {output_dir}"
+        stopped = OSError(
             error.errno,
             f"could not write {failed.path} ({error.strerror or error}); {kept} (this "
-            "image's files were removed)",
-        ) from error
+            f"image's files were removed); {summary.describe()}",
+        )
+        stopped.summary = summary
+        raise stopped from error
     except BaseException:
         if json_file is not None:
             json_file.discard()
         raise
     finally:
         bar.close()
-    written = {}
     if json_file is not None:
-        written[json_file.path.name] = json_file.close()
+        summary.files[json_file.path.name] = json_file.close()
     if skipped:
-        written["skipped_images.txt"] = output_dir / "skipped_images.txt"
-        written["skipped_images.txt"].write_text("".join(f"{m}\n" for m in skipped))
-    return written
+        summary.files["skipped_images.txt"] = output_dir / "skipped_images.txt"
+        summary.files["skipped_images.txt"].write_text("".join(f"{m}\n" for m in skipped))
+    return summary
 
 
 def _image_outputs(

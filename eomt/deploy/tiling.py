@@ -1,12 +1,14 @@
 """Large images in overlapping tiles at full resolution (SAHI-style): where the tiles go, and how
 their panoptic segments and instances become the image's.
 
-Tiles of `tile` pixels overlap by at least `overlap`; each is predicted as an image of its own.
-Every pixel takes the prediction of one tile, the one whose core holds it (the cores split each
-overlap in the middle). Segments of neighbouring tiles that cover the same part of their
-overlap with one class are one object (intersection over union above `MATCH_IOU` there), so a
-thing cut by a tile border becomes one segment and the duplicates of the overlaps go; stuff of
-one class is one segment, as in an untiled prediction.
+Tiles of `tile` pixels overlap by at least `overlap`; each is predicted as an image of its own
+(`eomt.deploy.predictor.Predictor` with `tile`, each task's `stitch`). Every pixel takes the
+prediction of one tile, the one whose core holds it (the cores split each overlap in the
+middle). Segments of neighbouring tiles that cover the same part of their overlap with one
+class are one object (intersection over union above `MATCH_IOU` there), so a thing cut by a
+tile border becomes one segment and the duplicates of the overlaps go; stuff of one class is
+one segment, as in an untiled prediction. Instances are joined alike; semantic labels are
+pasted from each pixel's core.
 """
 
 import math
@@ -25,6 +27,17 @@ class Tile:
     y1: int
     x1: int
     core: tuple[int, int, int, int]  # the pixels it decides: (y0, x0, y1, x1) in the image
+
+
+def overlap_pixels(overlap: int | float, tile: int) -> int:
+    """An overlap in pixels: an int as it is, a float in [0, 1) as that fraction of the tile."""
+    if isinstance(overlap, float):
+        if not 0 <= overlap < 1:
+            raise ValueError(f"an overlap given as a fraction must be in [0, 1), got {overlap:g}")
+        overlap = round(overlap * tile)
+    if not 0 <= overlap < tile:
+        raise ValueError(f"overlap {overlap} must be in 0..{tile - 1} pixels (tile {tile})")
+    return overlap
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -156,6 +169,20 @@ def stitch_panoptic(
     return torch.from_numpy(renumber[canvas]), segments
 
 
+def paste_cores(tiles: list[Tile], maps, height: int, width: int) -> torch.Tensor:
+    """Per-tile maps (e.g. semantic labels, each its tile's height and width; any iterable,
+    consumed one tile at a time) -> the image's: each pixel from the tile whose core holds it."""
+    canvas = None
+    for tile, tile_map in zip(tiles, maps):
+        if canvas is None:
+            canvas = tile_map.new_zeros((height, width))
+        cy0, cx0, cy1, cx1 = tile.core
+        canvas[cy0:cy1, cx0:cx1] = tile_map[
+            cy0 - tile.y0 : cy1 - tile.y0, cx0 - tile.x0 : cx1 - tile.x0
+        ]
+    return canvas
+
+
 @dataclass
 class Instance:
     """One instance of a tiled image: its mask within its box, both in image coordinates."""
@@ -176,6 +203,11 @@ def _instances_of_tile(tile: Tile, masks: torch.Tensor, scores, labels) -> list[
         box = (tile.y0 + y0, tile.x0 + x0, tile.y0 + y1, tile.x0 + x1)
         found.append(Instance(box, mask[y0:y1, x0:x1].clone(), score, label))
     return found
+
+
+def _meet(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    """Whether two boxes (y0, x0, y1, x1) share a pixel."""
+    return max(a[0], b[0]) < min(a[2], b[2]) and max(a[1], b[1]) < min(a[3], b[3])
 
 
 def _pixels_in(instance: Instance, region: tuple[int, int, int, int]) -> torch.Tensor:
@@ -199,7 +231,9 @@ def stitch_instances(
     are one, their masks joined and the best score kept, so that an object cut by a tile
     border is whole and the duplicates of the overlaps go.
 
-    `results[i]`: tile i's masks (N, its height, its width) bool, scores (N,), labels (N,).
+    `results`: per tile its masks (N, its height, its width) bool, scores (N,), labels (N,);
+    any iterable, consumed one tile at a time, so that only the masks within their boxes are
+    kept.
     """
     per_tile = [_instances_of_tile(tile, *result) for tile, result in zip(tiles, results)]
     groups = _Groups()
@@ -209,8 +243,10 @@ def stitch_instances(
             if region is None:
                 continue
             for i, first in enumerate(per_tile[a]):
+                if not _meet(first.box, region):
+                    continue
                 for j, second in enumerate(per_tile[b]):
-                    if first.label != second.label:
+                    if first.label != second.label or not _meet(first.box, second.box):
                         continue
                     p, q = _pixels_in(first, region), _pixels_in(second, region)
                     union = int((p | q).sum())

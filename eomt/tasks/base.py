@@ -52,6 +52,11 @@ class Task(ABC):
         return result
 
     @abstractmethod
+    def stitch(self, tiles, results, height: int, width: int, categories, test_cfg):
+        """A large image's result from the public results of its tiles (`results`, in the
+        order of `tiles`, see `eomt.deploy.tiling`; any iterable, consumed one tile at a time)."""
+
+    @abstractmethod
     def count_predictions(self, result) -> int:
         """How many of `prediction_unit` one image's result holds."""
 

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from eomt.deploy.streamed_json import StreamedJson
 from eomt.evaluation.files import check_image_ids, load_json
 from eomt.pictures import draw_instances
-from eomt.deploy.streamed_json import StreamedJson
 from eomt.tasks.base import Task, json_score
 
 if TYPE_CHECKING:
@@ -49,7 +49,29 @@ class InstanceTask(Task):
         ids = result["labels"].new_tensor([c["id"] for c in categories])
         return {**result, "category_ids": ids[result["labels"]]}
 
+    def stitch(self, tiles, results, height, width, categories, test_cfg):
+        """Instances of one object across tiles joined (`stitch_instances`), the best
+        `test.topk` by score; each mask within its box, as a full-size mask per instance would
+        not fit a large image: {"boxes" (M, 4) int64 (x0, y0, x1, y1), end exclusive, "masks"
+        [M bool (y1 - y0, x1 - x0)], "scores", "labels", "category_ids"}."""
+        import torch
+
+        from eomt.deploy.tiling import stitch_instances
+
+        per_tile = ((r["masks"].cpu(), r["scores"].cpu(), r["labels"].cpu()) for r in results)
+        instances = stitch_instances(tiles, per_tile, test_cfg.topk)
+        boxes = [(x0, y0, x1, y1) for y0, x0, y1, x1 in (i.box for i in instances)]
+        result = {
+            "boxes": torch.tensor(boxes, dtype=torch.int64).reshape(-1, 4),
+            "masks": [instance.mask for instance in instances],
+            "scores": torch.tensor([instance.score for instance in instances]),
+            "labels": torch.tensor([instance.label for instance in instances], dtype=torch.int64),
+        }
+        return self.public(result, categories)
+
     def count_predictions(self, result) -> int:
+        if "boxes" in result:
+            return sum(int(mask.any()) for mask in result["masks"])
         return int(result["masks"].flatten(1).any(1).sum())
 
     def ground_truth(self, target, categories):
@@ -75,19 +97,39 @@ class InstanceTask(Task):
         return summary, format_table(summary, coco_summary)
 
     def image_outputs(self, picture, result, info, name, categories, overlay, score_threshold):
-        result = {key: value.cpu() for key, value in result.items()}
+        result = {key: _on_cpu(value) for key, value in result.items()}
         pngs = []
         if overlay:
             drawing = partial(draw_instances, picture, result, categories, score_threshold)
             pngs.append(("overlay", drawing))
-        return pngs, {None: _annotations(info["id"], result)}
+        return pngs, {None: _annotations(info["id"], result, picture.shape[:2])}
 
 
-def _annotations(image_id, result) -> list[dict]:
+def _on_cpu(value):
+    return [v.cpu() for v in value] if isinstance(value, list) else value.cpu()
+
+
+def _rles(result, size: tuple[int, int]) -> list[dict]:
+    """COCO RLEs of the image's masks, or of a tiled image's masks within their boxes."""
     from pycocotools import mask as mask_utils
 
-    masks = np.asfortranarray(result["masks"].numpy().transpose(1, 2, 0).astype(np.uint8))
-    rles = mask_utils.encode(masks) if len(result["scores"]) else []
+    if not len(result["scores"]):
+        return []
+    if "boxes" not in result:
+        masks = result["masks"].numpy().transpose(1, 2, 0).astype(np.uint8)
+        return mask_utils.encode(np.asfortranarray(masks))
+    rles = []
+    for mask, (x0, y0, x1, y1) in zip(result["masks"], result["boxes"].tolist()):
+        full = np.zeros(size, dtype=np.uint8, order="F")  # one image-sized mask at a time
+        full[y0:y1, x0:x1] = mask.numpy()
+        rles.append(mask_utils.encode(full))
+    return rles
+
+
+def _annotations(image_id, result, size: tuple[int, int]) -> list[dict]:
+    from pycocotools import mask as mask_utils
+
+    rles = _rles(result, size)
     annotations = []
     for rle, score, category_id in zip(
         rles, result["scores"].tolist(), result["category_ids"].tolist()

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import numpy as np
 
+from eomt.deploy.streamed_json import StreamedJson
 from eomt.evaluation.files import check_image_ids, require_dir
 from eomt.evaluation.panoptic import PanopticEvaluator, masks_to_panoptic
 from eomt.evaluation.panoptic_io import id_to_rgb, load_panoptic_json
 from eomt.pictures import draw_panoptic
-from eomt.deploy.streamed_json import StreamedJson
 from eomt.tasks.base import Task, json_score
 
 GROUPS = (("All", ""), ("Things", "_th"), ("Stuff", "_st"))
+PUBLIC_KEYS = ("id", "label", "category_id", "isthing", "score")  # of a predictor's segment
 
 
 class PanopticTask(Task):
@@ -51,6 +52,14 @@ class PanopticTask(Task):
             }
             for segment in segments
         ]
+
+    def stitch(self, tiles, results, height, width, categories, test_cfg):
+        """Segments of one object or stuff class across tiles joined (`stitch_panoptic`), with
+        the keys of an untiled image's."""
+        from eomt.deploy.tiling import stitch_panoptic  # torch: see Task.infer
+
+        seg, segments = stitch_panoptic(tiles, list(results), height, width)
+        return seg, [{key: s[key] for key in PUBLIC_KEYS} for s in segments]
 
     def count_predictions(self, result) -> int:
         return len(result[1])

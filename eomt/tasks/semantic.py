@@ -46,6 +46,12 @@ class SemanticTask(Task):
 
         return semantic_inference(mask_logits, class_logits).argmax(0)
 
+    def stitch(self, tiles, results, height, width, categories, test_cfg):
+        """Each pixel's label from the tile whose core holds it."""
+        from eomt.deploy.tiling import paste_cores  # torch: see Task.infer
+
+        return paste_cores(tiles, results, height, width)
+
     def count_predictions(self, result) -> int:
         return int(result.unique().numel())
 
