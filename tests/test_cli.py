@@ -8,7 +8,7 @@ from eomt.cli import run_tool
 
 TOOLS = [
     "train_net", "evaluate", "evaluate_checkpoints", "benchmark", "convert_checkpoint", "sweep",
-    "predict", "serve", "export_onnx", "benchmark_serve",
+    "predict", "serve", "export_onnx", "benchmark_serve", "report",
 ]  # fmt: skip
 
 

@@ -16,6 +16,7 @@ import pytest
 from matplotlib.collections import PathCollection
 
 import eomt.report
+from eomt.cli import run_tool
 from eomt.report import (
     ReportError,
     find_runs,
@@ -489,7 +490,7 @@ def user_error(tmp_path, case: str) -> tuple[list[str], str]:
 def test_user_errors_are_one_line(tmp_path, capsys, case):
     argv, named = user_error(tmp_path, case)
     with pytest.raises(SystemExit) as stop:
-        report.cli(argv)
+        run_tool(report.main, report.parse_args, argv)
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1, err
@@ -502,7 +503,9 @@ def test_a_read_only_output_is_one_error_line(tmp_path, capsys):
     output = tmp_path / "r"
     output.mkdir(mode=0o555)
     with pytest.raises(SystemExit) as stop:
-        report.cli([str(tmp_path / "sweeps"), "--output", str(output)])
+        run_tool(
+            report.main, report.parse_args, [str(tmp_path / "sweeps"), "--output", str(output)]
+        )
     assert stop.value.code == 2
     assert capsys.readouterr().err == f"error: cannot write into {output}: Permission denied\n"
 

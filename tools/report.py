@@ -23,21 +23,16 @@ first. A non-empty OUTPUT without report.json is refused. Prints the table.
 import argparse
 from pathlib import Path
 
-from eomt.report import ReportError, write_report
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
-    )
-    parser.add_argument("folders", nargs="+", help="run folders, or folders holding them")
-    parser.add_argument("--output", required=True, help="folder of the table and pictures")
-    parser.add_argument("--benchmark", nargs="*", default=[], help="benchmark.py JSON lines")
-    return parser
+from eomt.cli import ToolParser, run_tool
+from eomt.report import write_report
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    parser = ToolParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("folders", nargs="+", help="run folders, or folders holding them")
+    parser.add_argument("--output", required=True, help="folder of the table and pictures")
+    parser.add_argument("--benchmark", nargs="*", default=[], help="benchmark.py JSON lines")
+    return parser.parse_args(argv)
 
 
 def main(args) -> list[Path]:
@@ -46,16 +41,5 @@ def main(args) -> list[Path]:
     return written
 
 
-def cli(argv=None) -> list[Path]:
-    """The command: a user error (a folder, file or key it names) ends in one `error:` line
-    on stderr and exit status 2, as argparse's own errors."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return main(args)
-    except ReportError as error:
-        parser.exit(2, f"error: {error}\n")
-
-
 if __name__ == "__main__":
-    cli()
+    run_tool(main, parse_args)  # a missing folder, a foreign output: one line, exit 2
