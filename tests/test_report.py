@@ -118,8 +118,7 @@ def write_run(
         path.write_text(json.dumps(results))
     if done:
         results = results_of(pq, miou, block_pqs)
-        # An --eval-only run logs its evaluation at iteration 0; finished.json has the checkpoint's.
-        records.append(evaluation_record(0 if evaluates else max_iter, results))
+        records.append(evaluation_record(max_iter, results))  # eval-only: the checkpoint's
         (folder / "results.json").write_text(json.dumps(results, indent=1))
         (folder / "semantic").mkdir()
         (folder / "semantic" / "per_class.csv").write_text(

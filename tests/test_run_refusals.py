@@ -2,6 +2,8 @@
 evaluate a model that loaded nothing, stops and says why, and a run never writes over another's
 checkpoints."""
 
+import json
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -91,6 +93,16 @@ def test_eval_only_resume_evaluates_the_last_checkpoint(tiny_cfg, capsys):
     out = capsys.readouterr().out
     assert "resumed from" in out and out.strip().splitlines()[-1] == final
     assert read_checkpoint(run.output_dir / "model_0000003.pth")["iteration"] == 3
+
+
+def test_eval_only_of_a_checkpoint_logs_it_at_its_iteration(tiny_cfg, tmp_path):
+    run = trained(tiny_cfg)
+    weights = run.output_dir / "model_0000003.pth"
+    evaluation = tmp_path / "evaluation"
+    Trainer(tiny_cfg(f"model.weights={weights}", f"output_dir={evaluation}")).eval_only()
+    records = [json.loads(line) for line in (evaluation / "metrics.jsonl").read_text().splitlines()]
+    assert records and {record["iteration"] for record in records} == {3}
+    assert json.loads((evaluation / "finished.json").read_text())["iteration"] == 3
 
 
 def test_fine_tuning_reports_what_loaded_and_refuses_an_unrelated_checkpoint(

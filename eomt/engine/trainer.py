@@ -257,10 +257,12 @@ class Trainer:
             print(
                 "evaluating the initialised model, without trained weights (model.weights=random)"
             )
+        iteration = self.iteration if resume else checkpoint_iteration(weights)
+        if iteration is not None:  # the evaluation is logged at the checkpoint's iteration
+            self.iteration = iteration
         self._start_run()
         evaluated = str(self.resumed_from) if resume else weights
         results = self.test(self.output_dir / "metrics.jsonl", final=True)
-        iteration = self.iteration if resume else checkpoint_iteration(weights)
         self._finish("evaluate", evaluated, iteration)
         return results
 
