@@ -1,6 +1,7 @@
 """Training checkpoints: the whole training state, written atomically, found again to resume."""
 
 import os
+import re
 from pathlib import Path
 
 from eomt.weights.files import save_atomic
@@ -23,6 +24,12 @@ def save_training_state(output_dir: str | Path, iteration: int, state: dict) -> 
 
 def checkpoint_path(output_dir: str | Path, iteration: int) -> Path:
     return Path(output_dir) / f"model_{iteration:07d}.pth"
+
+
+def checkpoint_iteration(path: str | Path) -> int | None:
+    """The iteration in a training checkpoint's name (model_0000600.pth), else None."""
+    found = re.fullmatch(r"model_(\d{7})\.pth", Path(path).name)
+    return int(found.group(1)) if found else None
 
 
 def checkpoints_newest_first(output_dir: str | Path) -> list[Path]:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from eomt.config import get_cfg
-from eomt.engine.checkpoint import checkpoints_newest_first
+from eomt.engine.checkpoint import checkpoint_iteration, checkpoints_newest_first
 from eomt.engine.trainer import Trainer, _scalar_metrics
 from eomt.tasks import TASKS
 from eomt.weights import load_checkpoint
@@ -26,11 +26,6 @@ from eomt.weights import load_checkpoint
 SERIES_FILE = "checkpoint_series.jsonl"
 PLOT_FILE = "checkpoint_series.png"
 RESULTS_DIR = "checkpoint_series"  # one folder per checkpoint, its results.json and files
-
-
-def checkpoint_iteration(path: Path) -> int:
-    """The iteration of `model_NNNNNNN.pth`, from its name."""
-    return int(Path(path).stem.split("_")[1])
 
 
 def select_checkpoints(checkpoints: list[Path], every: int = 1) -> list[Path]:

@@ -15,7 +15,6 @@ cover fewer images than the step; the run says so at its start.
 import json
 import math
 import os
-import re
 import shutil
 import time
 import warnings
@@ -32,6 +31,7 @@ from eomt.config import ConfigError
 from eomt.data.build import build_dataset, build_test_loader, build_train_loader
 from eomt.engine.annealing import MaskAnnealing
 from eomt.engine.checkpoint import (
+    checkpoint_iteration,
     checkpoint_path,
     checkpoints_newest_first,
     remove_partial_checkpoints,
@@ -612,12 +612,6 @@ class Trainer:
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
-
-
-def checkpoint_iteration(path: str) -> int | None:
-    """The iteration in a training checkpoint's name (model_0000600.pth), else None."""
-    found = re.fullmatch(r"model_(\d{7})\.pth", Path(path).name)
-    return int(found.group(1)) if found else None
 
 
 def _write_scalars(writer, record: dict) -> None:
