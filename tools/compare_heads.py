@@ -161,7 +161,7 @@ def main(args) -> list[dict]:
             results, commands[name] = train(name, overrides, args)
             cfg = get_cfg(REPO / CONFIG, overrides)
             rows.append(row(name, head, encoder_name, results, cfg, args))
-            draw_confusion(read_run(output / name), output / f"confusion_{name}.png")
+            draw_confusion([read_run(output / name)], output / f"confusion_{name}.png")
     (output / "comparison.json").write_text(
         json.dumps({"rows": rows, "commands": commands, "threads": torch.get_num_threads()})
     )
