@@ -119,9 +119,7 @@ def read_ground_truth(gt_json: str) -> tuple[dict, dict, list[dict]]:
     """({video id: video}, {category id: category}, ground-truth tracks) of a YouTube-VIS
     ground-truth JSON, checked (ids, frames per track, areas)."""
     dataset = load_json(gt_json)
-    if not isinstance(dataset, dict) or not {"videos", "annotations", "categories"} <= set(
-        dataset
-    ):
+    if not isinstance(dataset, dict) or not {"videos", "annotations", "categories"} <= set(dataset):
         raise ValueError(f"{gt_json}: a YouTube-VIS JSON needs videos, annotations, categories")
     videos = {video["id"]: video for video in dataset["videos"]}
     categories = {category["id"]: category for category in dataset["categories"]}
