@@ -135,6 +135,7 @@ def test_tool_json_output(tmp_path, capsys):
         (lambda r: r.update(video_id=9), "prediction 0: video_id 9 is not in the ground truth"),
         (lambda r: r.update(category_id=5), "prediction 0: category_id 5 is unknown"),
         (lambda r: r.pop("score"), r"prediction 0 lacks the key\(s\) \['score'\]"),
+        (lambda r: r.update(score="high"), "prediction 0: score 'high' is not a number"),
         (
             lambda r: r["segmentations"].append(None),
             "prediction 0: segmentations has 3 frames, video 3 has 2",
@@ -144,7 +145,7 @@ def test_tool_json_output(tmp_path, capsys):
             r"prediction 0: segmentations\[1\] size \[4, 4\] differs from video 3's \[10, 10\]",
         ),
     ],
-    ids=["video", "category", "score", "frames", "size"],
+    ids=["video", "category", "score", "score-type", "frames", "size"],
 )
 def test_bad_predictions_are_one_error_line_naming_file_and_field(tmp_path, capsys, edit, message):
     args = _files(tmp_path, [(1, [A0, A1])], [(1, [A0, A1], 0.5)])

@@ -178,6 +178,8 @@ def read_predictions(pred_json: str, videos: dict, categories: dict) -> list[dic
         video = videos.get(result["video_id"])
         if video is None:
             raise ValueError(f"{where}: video_id {result['video_id']} is not in the ground truth")
+        if isinstance(result["score"], bool) or not isinstance(result["score"], (int, float)):
+            raise ValueError(f"{where}: score {result['score']!r} is not a number")
         if result["category_id"] not in categories:
             raise ValueError(f"{where}: category_id {result['category_id']} is unknown")
         frames = _frames(video, f"video {video['id']}")
