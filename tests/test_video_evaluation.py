@@ -34,11 +34,11 @@ A0, A1 = _box(slice(0, 1), slice(None)), _box(slice(1, 2), slice(None))
 B0, B1 = _box(slice(5, 6), slice(None)), _box(slice(6, 7), slice(None))
 
 
-def _files(tmp_path, tracks, predictions, frames=2):
+def _files(tmp_path, tracks, predictions, frames=2, size=SIZE):
     """A one-video ground truth of `tracks` (category, per-frame masks or None) and the
     results (category, per-frame masks or None, score); the --gt-json / --pred-json args."""
     gt = {
-        "videos": [{"id": 3, "height": SIZE, "width": SIZE, "length": frames}],
+        "videos": [{"id": 3, "height": size, "width": size, "length": frames}],
         "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
         "annotations": [
             {
@@ -61,8 +61,8 @@ def _files(tmp_path, tracks, predictions, frames=2):
     return ["--gt-json", str(tmp_path / "gt.json"), "--pred-json", str(tmp_path / "results.json")]
 
 
-def _stats(tmp_path, tracks, predictions, frames=2) -> dict:
-    summary, _ = evaluate_files(*_files(tmp_path, tracks, predictions, frames)[1::2])
+def _stats(tmp_path, tracks, predictions, frames=2, size=SIZE) -> dict:
+    summary, _ = evaluate_files(*_files(tmp_path, tracks, predictions, frames, size)[1::2])
     return {key: summary[key] for key in VIS_STATS}
 
 
@@ -101,6 +101,16 @@ def test_frames_where_a_track_is_absent(tmp_path):
     assert track_iou([_rle(m) for m in prediction], [_rle(m) for m in truth]) == 2 / 3
     stats = _stats(tmp_path, [(1, truth)], [(1, prediction, 1.0)], frames=4)
     _expect(stats, AP=40, AP50=100, AP75=0, APs=40, AR1=40, AR10=40, AR100=40, ARs=40)
+
+
+def test_a_track_is_as_large_as_its_mean_area_where_present(tmp_path):
+    # 150 x 150 in frame 0 (22,500 pixels: medium, above 128^2), absent in frame 1, empty in
+    # frame 2: the mean over the frames with an area is 22,500 (over all three: small).
+    full, empty = np.ones((150, 150), np.uint8), np.zeros((150, 150), np.uint8)
+    track = [full, None, empty]
+    stats = _stats(tmp_path, [(1, track)], [(1, track, 1.0)], frames=3, size=150)
+    assert stats["APm"] == pytest.approx(100) and stats["ARm"] == 100
+    assert all(np.isnan(stats[key]) for key in ("APs", "APl", "ARs", "ARl"))
 
 
 def test_a_prediction_of_another_category_does_not_match(tmp_path):
@@ -167,3 +177,16 @@ def test_ground_truth_with_the_wrong_number_of_frames_and_a_missing_file(tmp_pat
         evaluate.main(["vis", *args])
     with pytest.raises(FileNotFoundError, match="missing.json"):
         evaluate.main(["vis", "--gt-json", str(tmp_path / "missing.json"), *args[2:]])
+
+
+def test_a_video_without_its_size_or_frame_count(tmp_path):
+    args = _files(tmp_path, [(1, [A0, A1])], [])
+    gt = json.loads((tmp_path / "gt.json").read_text())
+    del gt["videos"][0]["length"]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(ValueError, match="gt.json: video 0: a video needs length or file_names"):
+        evaluate.main(["vis", *args])
+    del gt["videos"][0]["width"]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(ValueError, match=r"gt.json: video 0 lacks the key\(s\) \['width'\]"):
+        evaluate.main(["vis", *args])

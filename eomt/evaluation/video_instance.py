@@ -116,12 +116,17 @@ def _frames(video: dict, where: str) -> int:
 
 
 def read_ground_truth(gt_json: str) -> tuple[dict, dict, list[dict]]:
-    """({video id: video}, {category id: category}, ground-truth tracks) of a YouTube-VIS
-    ground-truth JSON, checked (ids, frames per track, areas)."""
+    """({video id: video with its number of `frames`}, {category id: category}, ground-truth
+    tracks) of a YouTube-VIS ground-truth JSON, checked (ids, frames per track, areas)."""
     dataset = load_json(gt_json)
     if not isinstance(dataset, dict) or not {"videos", "annotations", "categories"} <= set(dataset):
         raise ValueError(f"{gt_json}: a YouTube-VIS JSON needs videos, annotations, categories")
-    videos = {video["id"]: video for video in dataset["videos"]}
+    videos = {}
+    for index, video in enumerate(dataset["videos"]):
+        missing = [key for key in ("id", "height", "width") if key not in video]
+        if missing:
+            raise ValueError(f"{gt_json}: video {index} lacks the key(s) {missing}")
+        videos[video["id"]] = {**video, "frames": _frames(video, f"{gt_json}: video {index}")}
     categories = {category["id"]: category for category in dataset["categories"]}
     tracks, ids = [], set()
     for index, annotation in enumerate(dataset["annotations"]):
@@ -138,7 +143,7 @@ def read_ground_truth(gt_json: str) -> tuple[dict, dict, list[dict]]:
             raise ValueError(f"{where}: video_id {annotation['video_id']} is not in videos")
         if annotation["category_id"] not in categories:
             raise ValueError(f"{where}: category_id {annotation['category_id']} is unknown")
-        frames = _frames(video, f"{gt_json}: video {video['id']}")
+        frames = video["frames"]
         for field in ("segmentations", "areas"):
             if len(annotation[field]) != frames:
                 raise ValueError(
@@ -182,7 +187,7 @@ def read_predictions(pred_json: str, videos: dict, categories: dict) -> list[dic
             raise ValueError(f"{where}: score {result['score']!r} is not a number")
         if result["category_id"] not in categories:
             raise ValueError(f"{where}: category_id {result['category_id']} is unknown")
-        frames = _frames(video, f"video {video['id']}")
+        frames = video["frames"]
         segmentations = result["segmentations"]
         if not isinstance(segmentations, list) or len(segmentations) != frames:
             count = len(segmentations) if isinstance(segmentations, list) else "no list of"
