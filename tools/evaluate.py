@@ -6,6 +6,7 @@
         --num-classes 150 --label-offset 1 [--class-names names.txt] [--output-dir D] [--json]
     python tools/evaluate.py instance --gt-json instances_val2017.json \
         --pred-json segm_results.json [--json]
+    python tools/evaluate.py vis --gt-json valid.json --pred-json results.json [--json]
 
 panoptic: COCO panoptic format on both sides (segment-id PNGs and a JSON); the rules and the
 numbers of the COCO panoptic API's pq_compute. As there, every ground-truth image needs a
@@ -17,6 +18,9 @@ prediction where the ground truth is not ignored).
 instance: COCO instance ground truth and a COCO results file (image_id, category_id, RLE
 segmentation, score), mask AP by pycocotools' COCOeval. A "bbox" in a result is dropped, so that
 a detection's area (which sorts it into small / medium / large) is its mask's.
+vis: YouTube-VIS ground truth (videos, per-frame polygons or RLE, null where absent) and results
+(video_id, category_id, per-frame RLE or null, score): AP / AR with ytvis_api's definitions
+(spatio-temporal mask IoU, mean areas over the frames, see eomt/evaluation/video_instance.py).
 
 Predictions are matched to the ground truth by image id: tools/predict.py writes its ids with
 --coco-json GT_JSON (without, its ids are file stems, which match no ground-truth id).
@@ -31,13 +35,17 @@ import json
 
 from eomt.cli import ToolParser, run_tool
 from eomt.evaluation.files import json_ready
+from eomt.evaluation.video_instance import VideoInstanceFiles
 from eomt.tasks import TASKS
+
+# What scores files: the tasks, and the video evaluations, which have no image task behind them.
+SCORERS = {**TASKS, "vis": VideoInstanceFiles()}
 
 
 def parse_args(argv=None):
     parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = parser.add_subparsers(dest="task", required=True)
-    for name, task in TASKS.items():
+    for name, task in SCORERS.items():
         subparser = tasks.add_parser(name, help=task.files_help)
         task.add_file_arguments(subparser)
         subparser.add_argument(
@@ -48,7 +56,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    summary, table = TASKS[args.task].score_files(args)
+    summary, table = SCORERS[args.task].score_files(args)
     print(json.dumps(json_ready(summary), allow_nan=False) if args.json else table)
     return summary
 
