@@ -360,10 +360,22 @@ def test_cli_cpu_profile_json_and_table(tmp_path, capsys):
     ]
 
 
-@pytest.mark.parametrize("extra", [["--fps"], ["--device", "cuda"], ["--batch-size", "2"]], ids=str)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--fps"],
+        ["--device", "cuda"],
+        ["--batch-size", "2"],
+        ["--no-gflops"],
+        ["--image-size", "64", "64"],
+        ["--matmul-size", "0"],
+    ],
+    ids=str,
+)
 def test_cli_cpu_profile_refuses_what_it_does_not_measure(extra, capsys):
     cli = load_cli()
     with pytest.raises(SystemExit) as exit_info:
         cli.parse_args(["--config-file", str(TINY_CONFIG), "--cpu-profile", *extra])
     assert exit_info.value.code == 2
-    assert "--cpu-profile" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and extra[0] in error

@@ -81,10 +81,17 @@ def parse_args(argv=None):
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     check_runtime_arguments(parser, args)
-    if args.cpu_profile and (args.fps or args.device != "cpu" or args.batch_size != 1):
+    if args.cpu_profile and (
+        args.fps or args.device != "cpu" or args.batch_size != 1 or args.no_gflops
+    ):
         parser.error(
-            "--cpu-profile profiles one image on the CPU: no --fps, --device, --batch-size"
+            "--cpu-profile profiles one forward of one image (one window) on the CPU with its "
+            "FLOP count: no --fps, --device, --batch-size or --no-gflops"
         )
+    if args.cpu_profile and args.image_size:
+        parser.error("--cpu-profile profiles one forward at the input size: no --image-size")
+    if args.matmul_size < 1:
+        parser.error(f"--matmul-size must be at least 1, got {args.matmul_size}")
     return args
 
 
