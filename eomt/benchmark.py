@@ -407,3 +407,126 @@ def benchmark(
         if torch_device.type == "cpu":
             result["note"] = "CPU run: few iterations; not comparable with the paper's FPS"
     return result
+
+
+# fvcore's operator kinds (by_operator keys) and the profiler's aten ops of each kind of work;
+# whatever is in neither (norms, activations, additions, copies) is "other".
+FLOP_KINDS = {
+    "linear": ("linear", "addmm", "matmul", "mm", "bmm", "einsum"),
+    "attention": ("scaled_dot_product_attention",),
+    "convolution": ("conv",),
+}
+PROFILED_OPS = {
+    "linear": (
+        "aten::linear",
+        "aten::addmm",
+        "aten::matmul",
+        "aten::mm",
+        "aten::bmm",
+        "aten::einsum",
+    ),
+    "attention": ("aten::scaled_dot_product_attention", "aten::_scaled_dot_product"),
+    "convolution": ("aten::conv", "aten::_conv", "aten::mkldnn_conv"),
+}
+KINDS = (*FLOP_KINDS, "other")
+
+
+def flop_kind(operator: str) -> str:
+    """The kind of an fvcore operator name: linear, attention, convolution or other."""
+    return next((kind for kind, ops in FLOP_KINDS.items() if operator in ops), "other")
+
+
+def profiled_kind(name: str) -> str | None:
+    """The kind of a profiled aten op (prefix match), None for the ops of "other"."""
+    return next(
+        (kind for kind, prefixes in PROFILED_OPS.items() if name.startswith(prefixes)), None
+    )
+
+
+def kind_times_ms(events) -> dict:
+    """Milliseconds of CPU time per kind in profiler `events`: each outermost op of a kind
+    (one whose callers are of no kind) counts with its inclusive time, so an op and the ops it
+    calls (aten::linear -> aten::addmm) count once and no two kinds overlap."""
+    times = dict.fromkeys(FLOP_KINDS, 0.0)
+    for event in events:
+        kind = profiled_kind(event.name)
+        if kind is None:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and profiled_kind(parent.name) is None:
+            parent = parent.cpu_parent
+        if parent is None:
+            times[kind] += event.cpu_time_total / 1000
+    return times
+
+
+def cpu_profile(cfg, warmup: int = 1, iterations: int = 2, matmul_size: int = 2048) -> dict:
+    """Where the CPU time of one inference forward goes, against the machine's matmul rate.
+
+    For the model `cfg` describes (random weights, eval, batch 1 at the input size, float32):
+    fvcore's FLOPs (multiply-adds) by kind (linear: linear layers and other matrix products;
+    attention: scaled_dot_product_attention's two products; convolution; other: the rest
+    fvcore counts, e.g. LayerNorm), the CPU time of each kind from torch.profiler over
+    `iterations` forwards after `warmup` (the outermost ops of each kind, inclusive times;
+    "other" is the rest of the forward's wall clock), and each kind's achieved GFLOP/s
+    (2 FLOPs per multiply-add) as a fraction of `matmul_rate`, the higher of its measures just
+    before and just after the forwards (a load from other processes lowers either).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build_model(cfg, backbone_weights=False).eval()
+    height, width = cfg.input.image_size
+    images = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+    counted = count_flops(model, images)
+    flops = dict.fromkeys(KINDS, 0)
+    for operator, n in counted["by_operator"].items():
+        flops[flop_kind(operator)] += n
+    rates = [matmul_rate(torch.device("cpu"), matmul_size)["tflops"]]
+    with torch.no_grad():
+        for _ in range(warmup):
+            model(images)
+        forward_ms = []
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            for _ in range(iterations):
+                start = time.perf_counter()
+                model(images)
+                forward_ms.append(1000 * (time.perf_counter() - start))
+    rates.append(matmul_rate(torch.device("cpu"), matmul_size)["tflops"])
+    times = {kind: ms / iterations for kind, ms in kind_times_ms(profiler.events()).items()}
+    mean_forward_ms = statistics.fmean(forward_ms)
+    times["other"] = mean_forward_ms - sum(times.values())
+    peak_gflops = 1000 * max(rates)
+    kinds = {}
+    for kind in KINDS:
+        achieved = 2 * flops[kind] / 1e9 / (times[kind] / 1000) if times[kind] > 0 else 0.0
+        kinds[kind] = {
+            "flops": flops[kind],
+            "gflops": round(flops[kind] / 1e9, 3),
+            "ms": round(times[kind], 2),
+            "time_fraction": round(times[kind] / mean_forward_ms, 4),
+            "achieved_gflops_per_s": round(achieved, 2),
+            "fraction_of_matmul_rate": round(achieved / peak_gflops, 4),
+        }
+    return {
+        "task": cfg.task,
+        "input_size": [height, width],
+        "flops": counted["flops"],
+        "gflops": round(counted["flops"] / 1e9, 3),
+        "forward_ms": round(mean_forward_ms, 2),
+        "forward_ms_each": [round(ms, 2) for ms in forward_ms],
+        "kinds": kinds,
+        "matmul_gflops_per_s": round(peak_gflops, 2),
+        "matmul_gflops_per_s_before_after": [round(1000 * rate, 2) for rate in rates],
+        "matmul_size": matmul_size,
+        "threads": torch.get_num_threads(),
+        "warmup": warmup,
+        "iterations": iterations,
+        "device": "cpu",
+        "torch": torch.__version__,
+        "profile_measure": (
+            "fvcore multiply-adds per kind; CPU time per kind from torch.profiler (outermost "
+            "aten ops of the kind, inclusive), mean over the profiled forwards, other = the "
+            "forward's wall clock minus the kinds; achieved GFLOP/s at 2 FLOPs per multiply-add "
+            "against float32 matmul_rate (the higher of before and after)"
+        ),
+    }

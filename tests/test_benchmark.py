@@ -1,6 +1,7 @@
 import importlib.util
 import json
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eomt.benchmark import benchmark, count_flops, count_parameters, crops_per_image
+from eomt.benchmark import (
+    benchmark,
+    count_flops,
+    count_parameters,
+    cpu_profile,
+    crops_per_image,
+    flop_kind,
+)
 from eomt.config import get_cfg
 from eomt.modeling import build_model
 from eomt.report import read_benchmarks
@@ -284,3 +292,90 @@ def test_loss_benchmark_times_the_matcher_and_the_loss_at_given_shapes(capsys):
     assert all(0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] for r in records)
     assert len(capsys.readouterr().out.splitlines()) == 2
     assert torch.get_num_threads() == threads  # the tests after it keep their numbers
+
+
+def test_cpu_profile_kinds_add_up_to_the_count_and_the_forward():
+    cfg = get_cfg(TINY_CONFIG, HAND_OVERRIDES)
+    profile = cpu_profile(cfg, warmup=1, iterations=2, matmul_size=256)
+    model = build_model(cfg, backbone_weights=False).eval()
+    counted = count_flops(model, torch.rand(1, 3, 32, 32))
+    kinds = profile["kinds"]
+    assert list(kinds) == ["linear", "attention", "convolution", "other"]
+    # Every fvcore FLOP in exactly one kind.
+    assert sum(kind["flops"] for kind in kinds.values()) == counted["flops"] == profile["flops"]
+    # A ViT: attention products counted and timed; the transposed conv of the upscaling too.
+    for kind in ("linear", "attention", "convolution"):
+        assert kinds[kind]["flops"] > 0 and kinds[kind]["ms"] > 0, kind
+        assert kinds[kind]["fraction_of_matmul_rate"] > 0, kind
+    attention = counted["by_operator"]["scaled_dot_product_attention"]
+    assert kinds["attention"]["flops"] == attention
+    # The kinds do not overlap: their times sum to at most the forward's wall clock.
+    measured = sum(kinds[kind]["ms"] for kind in ("linear", "attention", "convolution"))
+    assert measured <= profile["forward_ms"]
+    assert kinds["other"]["ms"] >= 0
+    # Both rounded to 0.01 ms.
+    each = profile["forward_ms_each"]
+    assert profile["forward_ms"] == pytest.approx(statistics.fmean(each), abs=0.01)
+    assert sum(kind["time_fraction"] for kind in kinds.values()) == pytest.approx(1, abs=1e-3)
+    assert profile["matmul_gflops_per_s"] > 0 and profile["iterations"] == 2
+
+
+def test_flop_kinds_of_fvcore_operators():
+    assert [flop_kind(op) for op in ("linear", "matmul", "einsum", "bmm", "addmm")] == [
+        "linear"
+    ] * 5
+    assert flop_kind("scaled_dot_product_attention") == "attention"
+    assert flop_kind("conv") == "convolution"
+    assert flop_kind("layer_norm") == flop_kind("upsample_bilinear2d") == "other"
+
+
+def test_cli_cpu_profile_json_and_table(tmp_path, capsys):
+    cli = load_cli()
+    configs = write_tiny_configs(tmp_path)
+    args = ["--config-file", configs[0], "--cpu-profile", "--matmul-size", "256"]
+    cli.main(cli.parse_args([*args, "--iterations", "1"]))
+    (line,) = capsys.readouterr().out.splitlines()
+    record = json.loads(line)
+    assert record["config"] == configs[0] and record["iterations"] == 1
+    for key in ("gflops", "forward_ms", "kinds", "matmul_gflops_per_s", "threads", "device"):
+        assert key in record, key
+    for kind in ("linear", "attention", "convolution", "other"):
+        assert set(record["kinds"][kind]) == {
+            "flops",
+            "gflops",
+            "ms",
+            "time_fraction",
+            "achieved_gflops_per_s",
+            "fraction_of_matmul_rate",
+        }
+    cli.main(cli.parse_args([*args, "--iterations", "1", "--table"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| Config | Kind | GFLOPs | ms |")
+    assert [line.split("|")[2].strip() for line in lines[2:]] == [
+        "linear",
+        "attention",
+        "convolution",
+        "other",
+        "forward",
+    ]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--fps"],
+        ["--device", "cuda"],
+        ["--batch-size", "2"],
+        ["--no-gflops"],
+        ["--image-size", "64", "64"],
+        ["--matmul-size", "0"],
+    ],
+    ids=str,
+)
+def test_cli_cpu_profile_refuses_what_it_does_not_measure(extra, capsys):
+    cli = load_cli()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse_args(["--config-file", str(TINY_CONFIG), "--cpu-profile", *extra])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and extra[0] in error
