@@ -369,6 +369,10 @@ def test_cli_cpu_profile_json_and_table(tmp_path, capsys):
         ["--no-gflops"],
         ["--image-size", "64", "64"],
         ["--matmul-size", "0"],
+        ["--compile"],
+        ["--sdpa-backend", "math"],
+        ["--weights-dtype", "bf16"],
+        ["--autocast", "bf16"],
     ],
     ids=str,
 )

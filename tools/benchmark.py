@@ -90,6 +90,14 @@ def parse_args(argv=None):
         )
     if args.cpu_profile and args.image_size:
         parser.error("--cpu-profile profiles one forward at the input size: no --image-size")
+    runtime = (
+        args.compile != "none" or args.sdpa_backend != "auto" or args.autocast not in (None, "none")
+    )
+    if args.cpu_profile and (runtime or args.weights_dtype != "fp32"):
+        parser.error(
+            "--cpu-profile profiles the eager float32 forward: no --compile, --sdpa-backend, "
+            "--weights-dtype or --autocast"
+        )
     if args.matmul_size < 1:
         parser.error(f"--matmul-size must be at least 1, got {args.matmul_size}")
     return args
