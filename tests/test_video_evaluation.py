@@ -131,8 +131,10 @@ def test_tool_json_output(tmp_path, capsys):
     assert summary["AP"] == pytest.approx(50) and summary["AR100"] == 50  # cat found, dog not
     assert summary["APm"] is None and summary["ARl"] is None
     per_class = summary["per_class"]  # AP 100 is 1 / (1 + eps) in COCOeval
-    assert per_class["1"] == {"name": "cat", "AP": pytest.approx(100)}
-    assert per_class["2"] == {"name": "dog", "AP": 0.0}
+    assert per_class == [
+        {"id": 1, "name": "cat", "AP": pytest.approx(100)},
+        {"id": 2, "name": "dog", "AP": 0.0},
+    ]
     evaluate.main(["vis", *args])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(" Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all")

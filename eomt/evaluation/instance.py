@@ -222,16 +222,24 @@ def coco_mask_ap(coco_gt: COCO, predictions: list[dict]) -> tuple[dict, str]:
         # loadRes writes ids, areas and boxes into the dicts it gets, and COCOeval a converted
         # "segmentation": both replace keys of the outer dicts only, so copies of those suffice.
         coco_dt = coco_gt.loadRes([dict(prediction) for prediction in predictions])
-        coco_eval = COCOeval(coco_gt, coco_dt, iouType="segm")
+    coco_eval = COCOeval(coco_gt, coco_dt, iouType="segm")
+    names = {category_id: category["name"] for category_id, category in coco_gt.cats.items()}
+    return cocoeval_results(coco_eval, COCO_STATS, names)
+
+
+def cocoeval_results(coco_eval, stat_names, class_names: dict) -> tuple[dict, str]:
+    """Run a prepared COCOeval (evaluate, accumulate, quietly; summarize): its numbers in
+    percent (NaN where it has -1: nothing to score), AP per class [{id, name, AP}], and the
+    text `summarize` prints. Shared by image (COCO) and video (YouTube-VIS) instances."""
+    with contextlib.redirect_stdout(io.StringIO()):
         coco_eval.evaluate()
         coco_eval.accumulate()
     summary = io.StringIO()
     with contextlib.redirect_stdout(summary):
         coco_eval.summarize()
-
     results = {
         key: 100 * float(value) if value >= 0 else float("nan")
-        for key, value in zip(COCO_STATS, coco_eval.stats)
+        for key, value in zip(stat_names, coco_eval.stats)
     }
     # precision: (iou thresholds, recall points, classes, area ranges, max detections);
     # area range 0 is "all", the last max-detections setting is 100.
@@ -241,6 +249,6 @@ def coco_mask_ap(coco_gt: COCO, predictions: list[dict]) -> tuple[dict, str]:
         class_precision = precision[:, :, class_index, 0, -1]
         class_precision = class_precision[class_precision > -1]
         ap = 100 * float(class_precision.mean()) if class_precision.size else float("nan")
-        name = coco_gt.cats[category_id]["name"]
-        results["per_class"].append({"id": category_id, "name": name, "AP": ap})
+        name = class_names.get(category_id, str(category_id))
+        results["per_class"].append({"id": int(category_id), "name": name, "AP": ap})
     return results, summary.getvalue().rstrip()

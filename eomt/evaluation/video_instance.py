@@ -18,8 +18,6 @@ set; its `loadRes` fails on an empty list).
 
 from __future__ import annotations
 
-import contextlib
-import io
 from collections import defaultdict
 
 import numpy as np
@@ -224,26 +222,14 @@ def read_predictions(pred_json: str, videos: dict, categories: dict) -> list[dic
 
 def video_ap(videos: dict, categories: dict, gts: list[dict], dts: list[dict]):
     """(the 12 numbers and per-class AP in percent, the summary as COCOeval prints it)."""
+    from eomt.evaluation.instance import cocoeval_results  # pycocotools, as _video_cocoeval
+
     coco_eval = _video_cocoeval()(gts, dts, videos, categories)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_eval.evaluate()
-        coco_eval.accumulate()
-    summary = io.StringIO()
-    with contextlib.redirect_stdout(summary):
-        coco_eval.summarize()
-    results = {
-        key: 100 * float(value) if value >= 0 else float("nan")
-        for key, value in zip(VIS_STATS, coco_eval.stats)
+    names = {
+        category_id: category.get("name", str(category_id))
+        for category_id, category in categories.items()
     }
-    precision = coco_eval.eval["precision"]  # (iou, recall, class, area, maxDets)
-    results["per_class"] = {}
-    for class_index, category_id in enumerate(coco_eval.params.catIds):
-        values = precision[:, :, class_index, 0, -1]
-        values = values[values > -1]
-        ap = 100 * float(values.mean()) if values.size else float("nan")
-        name = categories[category_id].get("name", str(category_id))
-        results["per_class"][str(category_id)] = {"name": name, "AP": ap}
-    return results, summary.getvalue().rstrip()
+    return cocoeval_results(coco_eval, VIS_STATS, names)
 
 
 def evaluate_files(gt_json: str, pred_json: str) -> tuple[dict, str]:
@@ -257,8 +243,8 @@ def evaluate_files(gt_json: str, pred_json: str) -> tuple[dict, str]:
 def format_table(summary: dict, coco_summary: str) -> str:
     """The 12-line summary (fractions, as YTVOSeval prints it), then AP per class."""
     lines = [coco_summary, "", f"{'id':>5s}  {'name':24s} {'AP':>6s}"]
-    for category_id, row in summary["per_class"].items():
-        lines.append(f"{category_id:>5s}  {row['name'][:24]:24s} {row['AP']:6.2f}")
+    for row in summary["per_class"]:
+        lines.append(f"{row['id']:>5d}  {row['name'][:24]:24s} {row['AP']:6.2f}")
     return "\n".join(lines)
 
 
