@@ -120,17 +120,11 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 
 def _rle_segment(mask: np.ndarray) -> dict:
-    """Area, [x, y, w, h] box and COCO RLE of a boolean (H, W) mask."""
+    """Area, [x, y, w, h] box and COCO RLE of a boolean (H, W) mask, by pycocotools."""
     rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
-    ys, xs = np.nonzero(mask)
-    box = (
-        [int(xs.min()), int(ys.min()), int(np.ptp(xs)) + 1, int(np.ptp(ys)) + 1]
-        if ys.size
-        else [0, 0, 0, 0]
-    )
     return {
-        "area": int(ys.size),
-        "bbox": box,
+        "area": int(mask_utils.area(rle)),
+        "bbox": [int(v) for v in mask_utils.toBbox(rle)],
         "rle": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
     }
 
