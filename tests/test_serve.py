@@ -7,9 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,14 +21,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from eomt.cli import run_tool
-from eomt.deploy.load_test import run_load
+from eomt.deploy.load_test import ServerProcess, free_port, run_load
 from eomt.deploy.predictor import Predictor
 from eomt.deploy.server import Limits, create_app
 from eomt.evaluation.panoptic_io import rgb_to_id
 from tests.test_predict_tool import CATEGORIES, save_segmenting_tiny_model
 from tools import serve
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -265,40 +260,25 @@ def test_a_full_queue_answers_503_at_once(predictor, weights, monkeypatch):
     assert took < 0.5 * 8  # the refused did not wait for a forward
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_sigterm_answers_requests_in_flight_then_exits(weights):
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "tools/serve.py", "--weights", str(weights), "--port", str(port),
-         "--max-batch", "8", "--max-wait-ms", "1500"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+def test_sigterm_answers_requests_in_flight_then_exits(weights, tmp_path):
+    log = tmp_path / "server.log"
+    arguments = ["--weights", str(weights), "--max-batch", "8", "--max-wait-ms", "1500"]
+    server = ServerProcess(arguments, free_port(), log)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         with ThreadPoolExecutor(3) as pool:
             pending = [
-                pool.submit(httpx.post, f"{url}/predict", content=png_bytes(seed=s), timeout=60)
+                pool.submit(
+                    httpx.post, f"{server.url}/predict", content=png_bytes(seed=s), timeout=60
+                )
                 for s in range(3)
             ]
             time.sleep(0.5)  # the three wait in the batch window of 1.5 s
-            server.send_signal(signal.SIGTERM)
+            server.process.send_signal(signal.SIGTERM)
             answers = [p.result() for p in pending]
-        code = server.wait(timeout=60)
+        code = server.process.wait(timeout=60)
     finally:
-        server.kill()
-    output = server.stdout.read()
+        server.stop()
+    output = log.read_text()
     assert [a.status_code for a in answers] == [200] * 3, output
     assert all(a.json()["batch_size"] == 3 for a in answers)
     # uvicorn exits by the signal it handled, after its graceful shutdown (as managers expect)

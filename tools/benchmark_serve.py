@@ -13,11 +13,11 @@ and server share this machine's cores; the clients run on one event loop.
 
 import argparse
 import json
-import socket
+import tempfile
 from pathlib import Path
 
 from eomt.cli import USER_ERRORS, ToolParser, run_tool
-from eomt.deploy.load_test import ServerProcess, in_process, resident_mib, run_load
+from eomt.deploy.load_test import ServerProcess, free_port, in_process, resident_mib, run_load
 from eomt.deploy.predictor import Predictor, find_images
 
 COLUMNS = (
@@ -50,12 +50,6 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main(args) -> dict:
     paths = find_images(args.images)[: args.count]
     bodies = [path.read_bytes() for path in paths]
@@ -72,7 +66,10 @@ def main(args) -> dict:
     common = ["--weights", args.weights, "--device", "cpu", "--max-queue", str(args.max_queue)]
     if args.task:
         common += ["--task", args.task]
-    log = Path(args.output or "benchmark_serve.json").with_suffix(".server.log")
+    # The servers' output beside the rows, or in the temporary folder without --output.
+    log = Path(args.output or Path(tempfile.gettempdir(), "benchmark_serve")).with_suffix(
+        ".server.log"
+    )
     phase = dict(max_requests=args.requests, max_seconds=args.seconds)
 
     with ServerProcess(common + ["--max-batch", "1"], free_port(), log) as server:

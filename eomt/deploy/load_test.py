@@ -2,6 +2,7 @@
 bounded in requests and time, and the in-process `Predictor` on the same images to compare."""
 
 import asyncio
+import socket
 import subprocess
 import sys
 import time
@@ -112,6 +113,13 @@ def in_process(predictor, paths: list[Path], batch_size: int, task: str, rounds:
         "p95_ms": p95,
         "p99_ms": p99,
     }
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free now (for a server started next)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def resident_mib(pid: int) -> float:
