@@ -66,6 +66,11 @@ def export(
 
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if getattr(model, "token_merging", None) is not None:
+        raise ValueError(
+            "token merging gives each image its own number of tokens, which a traced ONNX "
+            "graph cannot hold: export the model with model.token_merging.enabled=false"
+        )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     dtype = PRECISIONS[precision]
     graph = InferenceGraph(copy.deepcopy(model).to(dtype))

@@ -102,6 +102,11 @@ class FastForward(nn.Module):
         _check_choice("weights_dtype", weights_dtype, WEIGHT_DTYPES)
         _check_choice("autocast", autocast, AUTOCAST_DTYPES)
         check_precision(weights_dtype, autocast)
+        if compile_mode != "none" and getattr(model, "token_merging", None) is not None:
+            raise ValueError(
+                "token merging gives each image its own number of tokens: torch.compile "
+                "(static shapes) would recompile for each; run it eager (compile_mode none)"
+            )
         self.compile_mode, self.sdpa_backend = compile_mode, sdpa_backend
         self.weights_dtype, self.autocast = weights_dtype, autocast
         self.replays_cuda_graphs = replays_cuda_graphs(compile_mode)

@@ -12,6 +12,7 @@ from eomt.modeling.dense_heads import DENSE_HEADS, DenseSegmenter, PixelCrossEnt
 from eomt.modeling.eomt import EoMT
 from eomt.modeling.mask2former import Mask2Former
 from eomt.modeling.pmt import PMT
+from eomt.modeling.token_merging import TokenMerging
 
 MODEL_NAMES = ("eomt", "m2f", "pmt", "dense")
 
@@ -59,6 +60,16 @@ def _build(cfg, backbone_weights: bool) -> nn.Module:
         raise ValueError(
             "model.masked_attn 'anneal' is not available with model.name 'm2f': "
             "set 'always' (Mask2Former) or 'never'"
+        )
+    merging = m.token_merging
+    if merging.enabled and m.name != "eomt":
+        raise ValueError(
+            f"model.token_merging is available with model.name 'eomt' only, not '{m.name}'"
+        )
+    if merging.enabled and cfg.solver.compile:
+        raise ValueError(
+            "model.token_merging gives each image its own number of tokens, which "
+            "solver.compile would recompile for: set solver.compile=false"
         )
     if m.name == "dense" and (cfg.task != "semantic" or list(cfg.test.metrics) != ["semantic"]):
         raise ValueError(
@@ -115,6 +126,21 @@ def _build(cfg, backbone_weights: bool) -> nn.Module:
         num_queries=m.num_queries,
         num_query_blocks=m.num_query_blocks,
         masked_attn=m.masked_attn,
+        token_merging=build_token_merging(cfg) if merging.enabled else None,
+    )
+
+
+def build_token_merging(cfg) -> TokenMerging:
+    """The config's ALGM token merging (`model.token_merging`, whatever its `enabled`)."""
+    t = cfg.model.token_merging
+    return TokenMerging(
+        window=t.window,
+        threshold=t.threshold,
+        local_block=t.local_block,
+        global_block=t.global_block,
+        prop_attn=t.prop_attn,
+        restore=t.restore,
+        batch_count=t.batch_count,
     )
 
 
@@ -143,9 +169,11 @@ __all__ = [
     "Mask2Former",
     "PMT",
     "PixelCrossEntropy",
+    "TokenMerging",
     "build_backbone",
     "build_criterion",
     "build_model",
+    "build_token_merging",
     "build_vit",
     "count_trainable",
     "default_taps",

@@ -20,6 +20,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from eomt.modeling.backbone import embed_tokens
+from eomt.modeling.token_merging import TokenMerging
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -164,6 +165,7 @@ class EoMT(MaskTransformer):
         masked_attn: "anneal" (masked attention in training, annealed by the trainer through
             `set_attn_mask_probs`, off at inference), "always" (masked in training and
             inference) or "never" (no masked attention and no intermediate predictions).
+        token_merging: ALGM token merging (`eomt/modeling/token_merging.py`), or None for none.
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class EoMT(MaskTransformer):
         num_queries: int = 200,
         num_query_blocks: int = 4,
         masked_attn: str = "anneal",
+        token_merging: TokenMerging | None = None,
     ):
         if not 1 <= num_query_blocks <= len(backbone.blocks):
             raise ValueError(
@@ -184,6 +187,9 @@ class EoMT(MaskTransformer):
         for block in self.query_blocks:
             if hasattr(block.attn, "num_prefix_tokens"):
                 block.attn.num_prefix_tokens = backbone.num_prefix_tokens + num_queries
+        if token_merging is not None:
+            token_merging.check(self)
+        self.token_merging = token_merging
 
     @property
     def query_blocks(self) -> nn.ModuleList:
@@ -197,6 +203,8 @@ class EoMT(MaskTransformer):
         one; otherwise only the final one is computed.
         """
         x, rope = embed_tokens(self.backbone, (images - self.pixel_mean) / self.pixel_std)
+        if self.token_merging is not None:
+            return self.token_merging(self, x)
         block_kwargs = {} if rope is None else {"rope": rope}
         for block in self.backbone.blocks[: len(self.backbone.blocks) - self.num_query_blocks]:
             x = block(x, **block_kwargs)
