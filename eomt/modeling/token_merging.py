@@ -262,7 +262,8 @@ class TokenMerging(nn.Module):
     """ALGM on an EoMT (see the module's docstring); no parameters, so checkpoints load with
     it on or off. `local_block` / `global_block`: 0-based blocks whose attention the merge
     follows (-1: no such merge); global merging's threshold divides by `global_block + 1`,
-    ALGM's layer number. `last_state` keeps the last forward's MergeState (for pictures)."""
+    ALGM's layer number. `last_state` keeps the last forward's MergeState (for pictures), and
+    `last_counts` (block, tokens per image) after each of its merges."""
 
     def __init__(
         self,
@@ -294,6 +295,7 @@ class TokenMerging(nn.Module):
         self.local_block, self.global_block = local_block, global_block
         self.prop_attn, self.restore, self.batch_count = prop_attn, restore, batch_count
         self.last_state: MergeState | None = None
+        self.last_counts: list[tuple[int, torch.Tensor]] = []
 
     def extra_repr(self) -> str:
         return (
@@ -341,6 +343,7 @@ class TokenMerging(nn.Module):
         prefix = backbone.num_prefix_tokens
         grid = tuple(backbone.patch_embed.grid_size)
         state = MergeState.identity(x.shape[0], grid[0] * grid[1], x.device)
+        self.last_counts = []
         bias = None  # no merge yet: every size 1, no padding
         num_encoder = len(backbone.blocks) - model.num_query_blocks
         for index, block in enumerate(backbone.blocks[:num_encoder]):
@@ -357,6 +360,7 @@ class TokenMerging(nn.Module):
                 patches, state = global_merge(patches, state, index + 1, self.batch_count)
             x = torch.cat((x[:, :prefix], patches), 1)
             bias = attention_bias(state, prefix, self.prop_attn, x.dtype)
+            self.last_counts.append((index, state.counts))
             x = _mlp_half(block, x)
         self.last_state = state
         if self.restore == "query_blocks":
