@@ -159,7 +159,11 @@ def compare(
     inputs = [image_windows(image, cfg) for image in images]
     result = {
         "images": len(images),
-        "image_size": list(images[0].shape[-2:]),
+        "image_size": (
+            list(images[0].shape[-2:])
+            if len({tuple(image.shape[-2:]) for image in images}) == 1
+            else "mixed"
+        ),
         "windows_per_image": inputs[0].shape[0],
         "window_size": list(inputs[0].shape[-2:]),
         "threads": torch.get_num_threads(),
@@ -199,10 +203,19 @@ def compare(
     return result
 
 
-def merge_picture(model: nn.Module, image: torch.Tensor, cfg, path: str | Path) -> Path:
-    """Save a picture of what merged: the image's windows side by side, each merged token
-    tinted with a colour of its own and outlined; tokens of a single patch are left as they
-    are. Runs `model` (with token merging) on the image's windows."""
+UNMERGED_TINT = (1.0, 0.55, 0.0)
+GLOBAL_TINT = (0.0, 0.35, 1.0)
+
+
+def merge_picture(
+    model: nn.Module, image: torch.Tensor, cfg, path: str | Path, scale: float = 0.5
+) -> Path:
+    """Save a picture of what merged: above, the image's windows side by side as a mosaic in
+    which every token is painted with the mean colour of its pixels and outlined in light
+    lines, tinted orange where a patch stayed alone, untinted where one window merged
+    locally (its size is the window's), blue where global merging made it (any other size);
+    below, the windows themselves. Runs `model` (with token merging) on the image's windows;
+    the picture is `scale` times their size."""
     from PIL import Image
 
     windows = image_windows(image, cfg)
@@ -211,25 +224,33 @@ def merge_picture(model: nn.Module, image: torch.Tensor, cfg, path: str | Path) 
     state = model.token_merging.last_state
     grid = tuple(model.backbone.patch_embed.grid_size)
     patch = model.backbone.patch_embed.patch_size
-    rng = np.random.default_rng(0)
-    panels = []
-    for index, window in enumerate(windows):
-        assign = state.assign[index].reshape(grid).numpy()
-        sizes = state.sizes[index].numpy()
-        colors = rng.uniform(0, 1, (len(sizes), 3))
-        pixels = window.permute(1, 2, 0).numpy().copy()
-        token_map = np.kron(assign, np.ones((patch[0], patch[1]), dtype=assign.dtype))
-        token_map = token_map[: pixels.shape[0], : pixels.shape[1]]
-        merged_here = sizes[token_map] > 1
-        tint = colors[token_map]
-        pixels[merged_here] = 0.5 * pixels[merged_here] + 0.5 * tint[merged_here]
+    cell = (round(patch[0] * scale), round(patch[1] * scale))
+    small = F.interpolate(
+        windows, (grid[0] * cell[0], grid[1] * cell[1]), mode="bilinear", antialias=True
+    )
+    window_area = model.token_merging.window**2
+    mosaics = []
+    for index, window in enumerate(small):
+        assign = state.assign[index]
+        token_map = np.kron(assign.reshape(grid).numpy(), np.ones(cell, dtype=np.int64))
+        pixels = window.permute(1, 2, 0).reshape(-1, 3)
+        flat = torch.from_numpy(token_map).flatten()
+        sums = torch.zeros(state.sizes.shape[1], 3).index_add_(0, flat, pixels)
+        counts = torch.zeros(state.sizes.shape[1]).index_add_(0, flat, torch.ones(len(flat)))
+        mosaic = (sums / counts.clamp(min=1)[:, None])[flat].reshape(*token_map.shape, 3).numpy()
+        size = state.sizes[index].numpy()[token_map]
+        for tinted, color in (
+            (size == 1, UNMERGED_TINT),
+            ((size > 1) & (size != window_area), GLOBAL_TINT),
+        ):
+            mosaic[tinted] = 0.6 * mosaic[tinted] + 0.4 * np.array(color)
         edges = np.zeros(token_map.shape, dtype=bool)
         edges[1:] |= token_map[1:] != token_map[:-1]
         edges[:, 1:] |= token_map[:, 1:] != token_map[:, :-1]
-        pixels[edges] = 1.0
-        panels.append(pixels)
+        mosaic[edges] = 0.5 * mosaic[edges] + 0.5
+        mosaics.append(mosaic)
     picture = np.concatenate(
-        [np.concatenate(panels, 1), np.concatenate(list(windows.permute(0, 2, 3, 1).numpy()), 1)]
+        [np.concatenate(mosaics, 1), np.concatenate(list(small.permute(0, 2, 3, 1).numpy()), 1)]
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

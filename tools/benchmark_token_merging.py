@@ -54,11 +54,16 @@ def parse_args(argv=None):
         "encoder blocks)",
     )
     parser.add_argument("--picture", default="", help="write the merged tokens picture here")
+    parser.add_argument(
+        "--picture-only", action="store_true", help="write --picture and measure nothing"
+    )
     parser.add_argument("--no-gflops", action="store_true", help="skip the FLOP counts")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as set)")
     parser.add_argument("--table", action="store_true", help="print a markdown table")
     parser.add_argument("overrides", nargs="*", help="key=value for the street scenes' model")
     args = parser.parse_args(argv)
+    if args.picture_only and not args.picture:
+        parser.error("--picture-only needs --picture PATH")
     if min(args.images, args.rounds, args.synthetic_images) < 1:
         parser.error("--images, --rounds and --synthetic-images must be at least 1")
     return args
@@ -75,8 +80,10 @@ def table(records: list[dict]) -> str:
             str(t) for t in [r["patch_tokens_per_window"]] + r.get("tokens_after_merges", [])
         )
         pairs = r["speedup_per_pair"]
+        size = r["image_size"]
+        size = f"{size[0]}x{size[1]}" if isinstance(size, list) else f"{size} sizes"
         lines.append(
-            f"| {r['name']} ({r['images']}, {r['image_size'][0]}x{r['image_size'][1]}) | "
+            f"| {r['name']} ({r['images']}, {size}) | "
             f"{r['windows_per_image']} x {r['window_size'][0]}x{r['window_size'][1]} | {tokens} | "
             f"{r.get('gflops_plain', '-')} | {r.get('gflops_merged', '-')} | "
             f"{r['ms_per_image_plain']:.0f} | {r['ms_per_image_merged']:.0f} | "
@@ -96,6 +103,8 @@ def main(args) -> None:
     images = [street_scene(*args.size, seed=seed) for seed in range(args.images)]
     if args.picture:
         print(f"picture: {merge_picture(merged, images[0], cfg, args.picture)}", flush=True)
+        if args.picture_only:
+            return
     record = {"name": "street scenes", "config": args.config_file, "overrides": args.overrides}
     record.update(compare(plain, merged, cfg, images, args.rounds, args.warmup, not args.no_gflops))
     records.append(record)

@@ -99,12 +99,12 @@ def merge_tokens(
     """
     batch, _, dim = x.shape
     new_sizes = sizes.new_zeros(batch, num_new + 1).scatter_add(1, mapping, sizes)
-    sums = x.new_zeros(batch, num_new + 1, dim).scatter_add(
-        1, mapping[..., None].expand(-1, -1, dim), x * sizes[..., None].to(x.dtype)
-    )
+    # Sums in float32 at least: a token may gather thousands of patches.
+    sums = x.new_zeros(batch, num_new + 1, dim, dtype=torch.promote_types(x.dtype, torch.float32))
+    sums = sums.scatter_add(1, mapping[..., None].expand(-1, -1, dim), x * sizes[..., None])
     new_sizes = new_sizes[:, :num_new]
-    averages = sums[:, :num_new] / new_sizes.clamp(min=1)[..., None].to(x.dtype)
-    return averages, new_sizes
+    averages = sums[:, :num_new] / new_sizes.clamp(min=1)[..., None]
+    return averages.to(x.dtype), new_sizes
 
 
 def unmerge(x: torch.Tensor, state: MergeState) -> torch.Tensor:
