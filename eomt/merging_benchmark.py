@@ -185,9 +185,9 @@ def compare(
     if flops:
         plain_flops = [image_flops(plain, batch) for batch in inputs]
         merged_flops = [image_flops(merged, batch) for batch in inputs]
-        result["gflops_plain"] = round(statistics.fmean(plain_flops) / 1e9, 2)
-        result["gflops_merged"] = round(statistics.fmean(merged_flops) / 1e9, 2)
-        result["gflops_ratio"] = round(result["gflops_plain"] / result["gflops_merged"], 3)
+        result["gflops_plain"] = round(statistics.fmean(plain_flops) / 1e9, 3)
+        result["gflops_merged"] = round(statistics.fmean(merged_flops) / 1e9, 3)
+        result["gflops_ratio"] = round(sum(plain_flops) / sum(merged_flops), 3)
     times = interleaved_times({"plain": plain, "merged": merged}, inputs, rounds, warmup)
     result["ms_per_image_plain"] = round(statistics.median(times["plain"]), 1)
     result["ms_per_image_merged"] = round(statistics.median(times["merged"]), 1)

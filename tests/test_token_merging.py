@@ -302,3 +302,30 @@ def test_onnx_export_is_refused(tmp_path):
     with pytest.raises(ValueError, match="ONNX"):
         export(model, tmp_path / "model.onnx", SIZE)
     assert not (tmp_path / "model.onnx").exists()
+
+
+def test_benchmark_side_by_side_and_picture(tmp_path):
+    from PIL import Image
+
+    from eomt.merging_benchmark import (
+        compare,
+        image_windows,
+        merge_picture,
+        model_pair,
+        street_scene,
+    )
+
+    street = street_scene(64, 128, seed=0)
+    assert street.shape == (3, 64, 128) and 0 <= street.min() and street.max() <= 1
+    semantic = _cfg("task=semantic", "input.image_size=[32, 32]", "test.metrics=[semantic]")
+    # The short side resized to the window: 32 x 64, two windows.
+    assert image_windows(street, semantic).shape == (2, 3, 32, 32)
+    cfg = _cfg("model.token_merging.global_block=1")
+    plain, merged = model_pair(cfg)
+    assert plain.token_merging is None and merged.token_merging is not None
+    result = compare(plain, merged, cfg, [scene(), noise()], rounds=1, warmup=0)
+    assert result["timed_forwards_each"] == 2 and result["windows_per_image"] == 1
+    assert result["gflops_ratio"] > 1
+    assert result["patch_tokens_per_window"] == 24 and len(result["tokens_after_merges"]) == 2
+    path = merge_picture(merged, scene(), cfg, tmp_path / "merged.png", scale=1.0)
+    assert Image.open(path).size == (48, 64)  # the window above its mosaic
