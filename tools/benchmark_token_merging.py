@@ -36,7 +36,7 @@ def parse_args(argv=None):
         help="the street scenes' model (default: EoMT-L Cityscapes; overrides pick EoMT-S)",
     )
     parser.add_argument("--weights", default="", help="its checkpoint (default: random)")
-    parser.add_argument("--images", type=int, default=2, help="street scenes (default 2)")
+    parser.add_argument("--images", type=int, default=2, help="street scenes (default 2; 0: none)")
     parser.add_argument(
         "--size", type=int, nargs=2, default=[1024, 2048], metavar=("HEIGHT", "WIDTH")
     )
@@ -57,15 +57,22 @@ def parse_args(argv=None):
     parser.add_argument(
         "--picture-only", action="store_true", help="write --picture and measure nothing"
     )
+    parser.add_argument(
+        "--synthetic-picture", default="", help="the same for the first synthetic val image"
+    )
     parser.add_argument("--no-gflops", action="store_true", help="skip the FLOP counts")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as set)")
     parser.add_argument("--table", action="store_true", help="print a markdown table")
     parser.add_argument("overrides", nargs="*", help="key=value for the street scenes' model")
     args = parser.parse_args(argv)
+    if args.synthetic_picture and not args.synthetic_val:
+        parser.error("--synthetic-picture needs --synthetic-val")
     if args.picture_only and not args.picture:
         parser.error("--picture-only needs --picture PATH")
-    if min(args.images, args.rounds, args.synthetic_images) < 1:
-        parser.error("--images, --rounds and --synthetic-images must be at least 1")
+    if min(args.rounds, args.synthetic_images) < 1 or args.images < 0:
+        parser.error("--rounds and --synthetic-images must be at least 1, --images at least 0")
+    if args.images == 0 and (args.picture or not args.synthetic_val):
+        parser.error("--images 0 (no street scenes) leaves --synthetic-val only, no --picture")
     return args
 
 
@@ -98,22 +105,28 @@ def main(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     records = []
-    cfg = get_cfg(args.config_file, args.overrides)
-    plain, merged = model_pair(cfg, args.weights)
-    images = [street_scene(*args.size, seed=seed) for seed in range(args.images)]
-    if args.picture:
-        print(f"picture: {merge_picture(merged, images[0], cfg, args.picture)}", flush=True)
-        if args.picture_only:
-            return
-    record = {"name": "street scenes", "config": args.config_file, "overrides": args.overrides}
-    record.update(compare(plain, merged, cfg, images, args.rounds, args.warmup, not args.no_gflops))
-    records.append(record)
-    if not args.table:
-        print(json.dumps(record), flush=True)
+    if args.images:
+        cfg = get_cfg(args.config_file, args.overrides)
+        plain, merged = model_pair(cfg, args.weights)
+        images = [street_scene(*args.size, seed=seed) for seed in range(args.images)]
+        if args.picture:
+            print(f"picture: {merge_picture(merged, images[0], cfg, args.picture)}", flush=True)
+            if args.picture_only:
+                return
+        record = {"name": "street scenes", "config": args.config_file, "overrides": args.overrides}
+        record.update(
+            compare(plain, merged, cfg, images, args.rounds, args.warmup, not args.no_gflops)
+        )
+        records.append(record)
+        if not args.table:
+            print(json.dumps(record), flush=True)
     if args.synthetic_val:
         synthetic_cfg = get_cfg(args.synthetic_config, args.synthetic_override)
         plain, merged = model_pair(synthetic_cfg, args.synthetic_weights)
         images = dataset_images(f"{args.synthetic_val}/images/val", args.synthetic_images)
+        if args.synthetic_picture:
+            path = merge_picture(merged, images[0], synthetic_cfg, args.synthetic_picture, 3.0)
+            print(f"picture: {path}", flush=True)
         record = {
             "name": "synthetic val",
             "config": args.synthetic_config,
