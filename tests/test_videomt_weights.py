@@ -20,6 +20,7 @@ from eomt.weights import load_model
 from eomt.weights.architecture import infer_config
 from eomt.weights.files import save_weights
 from eomt.weights.layouts import ours_to_hf, ours_to_official
+from tools.convert_checkpoint import convert, parse_args
 
 DIM, DEPTH, QUERIES, CLASSES, L2, SIZE, FRAMES = 64, 3, 6, 5, 2, 32, 3
 DINOV2 = "vit_small_patch14_reg4_dinov2"
@@ -239,3 +240,23 @@ def test_mismatched_checkpoints_are_refused(tmp_path):
     torch.save({"model": state}, truncated)
     with pytest.raises(ValueError, match="mask_head: 1 missing: mask_head.0.weight"):
         from_checkpoint(truncated)
+
+
+def test_convert_videomt_between_layouts(tmp_path):
+    """tools/convert_checkpoint.py: the authors' file -> ours -> their layout again (a
+    detectron2 checkpoint, "official" for VidEoMT) and -> a transformers VidEoMT folder."""
+    model, _ = tiny()
+    authors = save_authors(model.state_dict(), tmp_path / "yt_2019.pth")
+    ours = convert(parse_args([str(authors), str(tmp_path / "ours.safetensors"), "--to", "ours"]))
+    again = convert(parse_args([str(ours), str(tmp_path / "again.pth"), "--to", "official"]))
+    written = torch.load(again)["model"]
+    expected = as_authors(model.state_dict())
+    assert sorted(written) == sorted(expected)
+    assert written["criterion.empty_weight"].tolist() == [1.0] * CLASSES + [pytest.approx(0.1)]
+    assert all(torch.equal(written[k], expected[k]) for k in expected if "criterion" not in k)
+    folder = convert(parse_args([str(ours), str(tmp_path / "hf"), "--to", "hf"]))
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["VideomtForUniversalSegmentation"]
+    assert (folder / "video_preprocessor_config.json").is_file()
+    for path in (ours, again, folder):
+        assert_same_video_outputs(model, from_checkpoint(path).eval())

@@ -203,6 +203,27 @@ def videomt_to_ours(state: dict) -> dict:
     return out
 
 
+def ours_to_videomt(state: dict) -> dict:
+    """Our VidEoMT weights -> the VidEoMT authors' layout (their meta-architecture's state dict,
+    without the loss's buffers), which holds no image statistics: ImageNet's only."""
+    for key, value in (("pixel_mean", IMAGENET_MEAN), ("pixel_std", IMAGENET_STD)):
+        if key in state and not torch.allclose(state[key].flatten(), torch.tensor(value)):
+            raise ValueError(
+                f"the VidEoMT authors' layout keeps no image statistics (their configs use "
+                f"ImageNet's): this model's {key} is {state[key].flatten().tolist()}"
+            )
+    backbone = strip_prefix(state, "backbone.")
+    if is_eva(backbone):
+        backbone = _timm_backbone_to_hf(backbone, "patch_embed.", "blocks.", "norm.", eva=True)
+    out = {VIDEOMT_BACKBONE + k: v for k, v in backbone.items()}
+    for key, value in state.items():
+        if key == "queries.weight":
+            out["backbone.q.weight"] = value
+        elif not key.startswith("backbone.") and key not in ("pixel_mean", "pixel_std"):
+            out["backbone." + key] = value
+    return out
+
+
 # -- Hugging Face --------------------------------------------------------------------------------
 
 
