@@ -368,3 +368,51 @@ def test_argument_checks(extra, message, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--weights", "w.pth", "--output", "out", *extra])
     assert message in capsys.readouterr().err
+
+
+def test_benchmark_times_videomt_per_frame_at_eomt_cost_plus_the_updater(capsys):
+    """tools/benchmark.py with model.name videomt: one streaming step per frame, whose FLOPs
+    are the image EoMT's (no masking) plus the query updater's K x D x D."""
+    from eomt.benchmark import VideoStep, count_flops
+    from tools.benchmark import main as benchmark_main
+    from tools.benchmark import parse_args as benchmark_args
+
+    video_cfg = tiny_videomt_cfg()
+    image_cfg = tiny_videomt_cfg()
+    image_cfg.model.name = "eomt"
+    torch.manual_seed(0)
+    video = build_model(video_cfg).eval()
+    image = build_model(image_cfg).eval()
+    images = torch.rand(1, 3, SIZE, SIZE)
+    extra = count_flops(VideoStep(video), images)["flops"] - count_flops(image, images)["flops"]
+    assert extra == QUERIES * 32 * 32
+    with torch.no_grad():  # the step with the learned queries carried: EoMT's first frame
+        image.load_state_dict(video.state_dict(), strict=False)
+        (step,) = VideoStep(video)(images)
+        assert torch.allclose(step["class_logits"], image(images)[-1]["class_logits"], atol=1e-5)
+    config = "configs/synthetic/eomt_tiny_panoptic.yaml"
+    overrides = ["model.name=videomt", "model.masked_attn=never"]
+    argv = ["--config-file", config, *overrides, "--fps", "--warmup", "1", "--iterations", "2"]
+    benchmark_main(benchmark_args(argv))
+    record = json.loads(capsys.readouterr().out)
+    assert record["per"].startswith("video frame") and record["fps"] > 0
+    assert record["fps_measure"].startswith("video frames per second")
+    assert record["relative_error"] < 1e-5 and record["gflops"] > 0
+
+
+def test_gpu_check_videomt_step_in_its_dry_run(tmp_path, capsys):
+    """tools/gpu_check.py's videomt step at the dry run's tiny sizes: VidEoMT-L 640 per frame
+    beside the authors' 160 FPS, and the image EoMT with the same option."""
+    from eomt import gpu_check as checks
+
+    record = checks.run_checks("cpu", tmp_path, 1000, ["videomt"])
+    assert record["failed_steps"] == []
+    rows = record["steps"]["videomt"]
+    entry = rows[checks.VIDEOMT]
+    assert entry["agrees"] and entry["fps"] > 0 and entry["paper_fps"] == 160
+    assert entry["overrides"] == checks.VIDEOMT_OVERRIDES
+    assert rows["EoMT-L 640 w/o masking"]["fps"] > 0
+    assert rows["videomt_frame_over_eomt_image_ms"] > 0
+    table = capsys.readouterr().out
+    assert "| VidEoMT-L 640 (per frame) | " in table and "| 160 | " in table
+    assert "VidEoMT-L 640 frame / EoMT-L 640 image (no masking, fp32)" in table

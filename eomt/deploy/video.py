@@ -527,24 +527,28 @@ def write_video_predictions(
             bar.update(1)
             if on_frame is not None:
                 on_frame(frame)
-        summary.seconds = time.perf_counter() - start
         if not summary.frames:
             raise BadSampleError(f"{source.path}: no frames", source.path)
         if spool is not None:
             path = output_dir / "results.json"
-            tracks = video_tracks(stream, spool, video_id)
-            path.write_text(json.dumps(tracks))
+            path.write_text(json.dumps(video_tracks(stream, spool, video_id)))
             summary.files["results.json"] = path
             spool.remove()
+            spool = None
         if json_file is not None:
             summary.files["panoptic.json"] = json_file.close()
+            json_file = None
         if video is not None:
             video.close()
             summary.files["overlay.mp4"] = video.path
+            video = None
     except BaseException:
-        for leftover in (json_file, spool, video):
+        # No partial results.json, panoptic.json or overlay.mp4 (the PNGs written stay).
+        for leftover in (json_file, video):
             if leftover is not None:
-                (leftover.discard if hasattr(leftover, "discard") else leftover.remove)()
+                leftover.discard()
+        if spool is not None:
+            spool.remove()
         raise
     finally:
         bar.close()
