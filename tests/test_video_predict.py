@@ -416,3 +416,41 @@ def test_gpu_check_videomt_step_in_its_dry_run(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "| VidEoMT-L 640 (per frame) | " in table and "| 160 | " in table
     assert "VidEoMT-L 640 frame / EoMT-L 640 image (no masking, fp32)" in table
+
+
+def test_benchmark_video_tool(capsys):
+    from tools.benchmark_video import main as video_main
+    from tools.benchmark_video import parse_args as video_args
+
+    argv = ["--config-file", "configs/synthetic/eomt_tiny_panoptic.yaml", "--rounds", "2"]
+    argv += ["--memory-frames", "6", "--frame-size", "24", "32", "model.num_queries=5"]
+    record = video_main(video_args(argv))
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(record))
+    cost = record["frame_cost"]
+    assert cost["eomt_median_ms"] > 0 and cost["videomt_median_ms"] > 0 and cost["rounds"] == 2
+    assert "load average" in cost["load_before"]
+    memory = record["memory"]
+    assert list(memory["rss_mib_after_frames"]) == [3, 6]
+    assert memory["state_bytes"]["queries"] == 5 * 192 * 4  # (1, K, D) float32, ViT-Ti D 192
+
+
+def test_track_spool_round_trip(tmp_path):
+    """The spool's RLEs are pycocotools' own of each query's mask; empty masks are null."""
+    from eomt.deploy.video import TrackSpool
+
+    generator = torch.Generator().manual_seed(0)
+    frames = [torch.rand(5, 37, 53, generator=generator) > 0.6 for _ in range(3)]
+    frames[1][2] = False
+    spool = TrackSpool(tmp_path / "spool")
+    for masks in frames:
+        spool.add(masks)
+    tracks = spool.tracks([0, 2, 4])
+    spool.remove()
+    assert not (tmp_path / "spool").exists()
+    for query, segmentations in tracks.items():
+        for masks, rle in zip(frames, segmentations):
+            if query == 2 and masks is frames[1]:
+                assert rle is None
+                continue
+            expected = mask_utils.encode(np.asfortranarray(masks[query].numpy(), np.uint8))
+            assert rle == {"size": [37, 53], "counts": expected["counts"].decode("ascii")}

@@ -384,12 +384,16 @@ class TrackSpool:
     def add(self, query_masks: torch.Tensor) -> None:
         from pycocotools import mask as mask_utils
 
-        masks = query_masks.cpu().numpy()
-        present = masks.reshape(len(masks), -1).any(1)
-        entry = {"size": list(masks.shape[1:]), "rles": {}}
+        query_masks = query_masks.cpu()
+        present = query_masks.flatten(1).any(1)
+        entry = {"size": list(query_masks.shape[1:]), "rles": {}}
         if present.any():
-            rles = mask_utils.encode(np.asfortranarray(masks[present].transpose(1, 2, 0), np.uint8))
-            entry["rles"] = {int(q): rle["counts"] for q, rle in zip(np.flatnonzero(present), rles)}
+            # (P, W, H) in C order is (H, W, P) in Fortran order, as pycocotools takes masks:
+            # one transposing copy, by torch.
+            masks = query_masks[present].transpose(1, 2).contiguous().numpy().view(np.uint8)
+            rles = mask_utils.encode(masks.transpose(2, 1, 0))
+            queries = present.nonzero().flatten().tolist()
+            entry["rles"] = {q: rle["counts"] for q, rle in zip(queries, rles)}
         pickle.dump(entry, self.file, protocol=pickle.HIGHEST_PROTOCOL)
         self.frames += 1
 
