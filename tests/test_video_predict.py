@@ -2,6 +2,7 @@
 random VidEoMT saved as the trainer saves checkpoints, on synthetic videos written with PyAV."""
 
 import json
+import re
 import resource
 import tracemalloc
 
@@ -454,3 +455,20 @@ def test_track_spool_round_trip(tmp_path):
                 continue
             expected = mask_utils.encode(np.asfortranarray(masks[query].numpy(), np.uint8))
             assert rle == {"size": [37, 53], "counts": expected["counts"].decode("ascii")}
+
+
+def test_a_frame_that_cannot_be_decoded_stops_the_run_naming_it(checkpoint, tmp_path, capsys):
+    """Zeroed bytes in the middle of a file: the error names the file and the frame, and no
+    partial panoptic.json or overlay.mp4 is left (the PNGs of the frames before it are)."""
+    data = bytearray(write_video(tmp_path / "v.mp4", 30).read_bytes())
+    third = len(data) // 3
+    data[third : third + 400] = bytes(400)
+    damaged = tmp_path / "damaged.mp4"
+    damaged.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit):
+        run("--weights", checkpoint, "--video", damaged, "--output", out)
+    error = capsys.readouterr().err
+    assert re.search(f"error: {damaged}: frame \\d+ cannot be decoded", error), error
+    assert [p.name for p in out.iterdir()] == ["panoptic"]  # no partial JSON or video
+    assert 0 < len(list((out / "panoptic").iterdir())) < 30
