@@ -28,5 +28,6 @@ setup(
         "tensorboard": ["tensorboard"],  # logging.tensorboard=true
         "slurm": ["submitit"],  # tools/sweep.py --slurm
         "serve": ["fastapi", "uvicorn", "python-multipart"],  # tools/serve.py
+        "video": ["av"],  # tools/predict.py --video (PyAV)
     },
 )

@@ -8,6 +8,11 @@ detectron2; each result lists them under `uncounted_ops`.
 
 Semantic inference runs the model on every square window of an image, so its GFLOPs and FPS cover
 all the windows of a typical validation image of the dataset.
+
+VidEoMT (model.name videomt) is counted and timed per frame of a video: one call of its
+streaming step (`VideoStep`), a frame and the queries carried from the frame before in, the
+frame's prediction and the next frame's queries out; a video's frames are predicted whole, one
+input per frame, whatever the task.
 """
 
 import math
@@ -70,6 +75,32 @@ def count_flops(model: nn.Module, images: torch.Tensor) -> dict:
     }
 
 
+class VideoStep(nn.Module):
+    """VidEoMT's streaming step as a module called like an image model: frames (B, 3, H, W),
+    one per video, with the queries a previous frame carried over (a buffer: the learned
+    queries, so that every call costs what a frame after the first costs) -> [{mask_logits,
+    class_logits, queries}], `queries` those of the next frame. The buffer is not updated, so
+    that repeated calls compute the same function (for timing and error against float32)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        carried = model.queries.weight.detach().clone()[None]
+        self.register_buffer("carried", carried, persistent=False)
+
+    def forward(self, frames: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        queries = self.carried.expand(frames.shape[0], -1, -1)
+        prediction, next_queries = self.model.step(frames, queries)
+        return [{**prediction, "queries": next_queries}]
+
+
+def build_timed_model(cfg) -> nn.Module:
+    """The model `cfg` describes (random weights, eval) as its inference is timed: VidEoMT as
+    its streaming step (`VideoStep`), any other as itself."""
+    model = build_model(cfg, backbone_weights=False).eval()
+    return VideoStep(model) if cfg.model.name == "videomt" else model
+
+
 def crops_per_image(cfg, image_size: tuple[int, int] | None = None) -> tuple[int, tuple | None]:
     """How many model inputs one image takes at inference, and the image size that decided it.
 
@@ -77,7 +108,7 @@ def crops_per_image(cfg, image_size: tuple[int, int] | None = None) -> tuple[int
     short side to the window and slides square windows along the long side; `image_size` (else
     the dataset's typical validation image) is the image whose windows are counted.
     """
-    if cfg.task != "semantic":
+    if cfg.task != "semantic" or cfg.model.name == "videomt":  # a video frame: one input
         return 1, None
     if image_size is None:
         if cfg.dataset.name not in TYPICAL_IMAGE_SIZES:
@@ -347,9 +378,12 @@ def benchmark(
         result["params"] = count_parameters(model)
         result["params_trainable"] = count_trainable(model)[0]
         return result
-    model = build_model(cfg, backbone_weights=False).eval()
+    model = build_timed_model(cfg)
     result["params"] = count_parameters(model)
     result["params_trainable"] = count_trainable(model)[0]
+    video = cfg.model.name == "videomt"
+    if video:
+        result["per"] = "video frame: VidEoMT's streaming step, carried queries in and out"
     if flops:
         counted = count_flops(model, torch.rand(1, 3, height, width))
         result["gflops"] = round(crops * counted["flops"] / 1e9, 2)
@@ -398,9 +432,10 @@ def benchmark(
             weights_dtype=weights_dtype,
             autocast=autocast,
             fps_measure=(
-                f"images per second from the median of {iterations} timed forwards after "
-                f"{warmup} warm-up forwards, each of {batch_size} image(s) x {crops} crop(s), "
-                "model forward only"
+                f"{'video frames' if video else 'images'} per second from the median of "
+                f"{iterations} timed forwards after {warmup} warm-up forwards, each of "
+                f"{batch_size} {'frame(s) of as many videos' if video else 'image(s)'} x "
+                f"{crops} crop(s), model forward only"
             ),
             memory_measure=timing["memory_measure"],
         )
@@ -474,7 +509,7 @@ def cpu_profile(cfg, warmup: int = 1, iterations: int = 2, matmul_size: int = 20
     """
     from torch.profiler import ProfilerActivity, profile
 
-    model = build_model(cfg, backbone_weights=False).eval()
+    model = build_timed_model(cfg)
     height, width = cfg.input.image_size
     images = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
     counted = count_flops(model, images)

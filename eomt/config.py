@@ -19,7 +19,7 @@ FREE_FORM_KEYS = {"model.backbone_kwargs"}
 # and the least value of a number (or of each item of a list of numbers).
 CHOICES = {
     "task": ("panoptic", "semantic", "instance"),
-    "model.name": ("eomt", "m2f", "pmt", "dense"),
+    "model.name": ("eomt", "m2f", "pmt", "dense", "videomt"),
     "dense.head": ("linear", "mlp", "unet", "dpt"),
     "model.masked_attn": ("anneal", "always", "never"),
     "model.token_merging.restore": ("mask_head", "query_blocks"),

@@ -16,6 +16,9 @@ skipped):
   training     EoMT-L 640 training steps, 4 images, masked attention in every query block
   batched      EoMT-L 640 at batch 8 and 32: images/s and the share of the matmul ceiling
   table        the rest of the paper's FPS table (S/B/g, L at 1280, L with masking, M2F S/B/g)
+  videomt      VidEoMT-L 640 per video frame (its streaming step, queries carried) beside the
+               authors' 160 FPS for YouTube-VIS 2019, and EoMT-L 640 without masking with the
+               same option: what the propagation costs per frame
   demo         the synthetic demo config trained on the device: the loss falls, PQ is scored
   autotune     EoMT-L 640 with torch.compile mode max-autotune (slow to compile)
   onnx         EoMT-S 640 exported in fp32 and fp16, checked with onnxruntime
@@ -37,6 +40,7 @@ from pathlib import Path
 import torch
 
 from eomt.benchmark import (
+    VideoStep,
     achieved_tflops,
     count_flops,
     count_parameters,
@@ -65,6 +69,14 @@ MODELS = {
     "M2F-B 640": (f"{P}/m2f_vit_adapter_base_640.yaml", "table2.m2f_base"),
     "M2F-g 640": (f"{P}/m2f_vit_adapter_giant_640.yaml", "table2.m2f_giant"),
 }
+# VidEoMT-L 640 as the authors' YouTube-VIS 2019 model (DINOv2-L, 200 queries, the last 4
+# blocks see them, 40 classes, no masked attention) and the FPS of their model zoo
+# (tue-mps/videomt, model_zoo/dinov2.md: H100, default torch.compile); the image EoMT of the
+# same backbone without masking beside it.
+VIDEOMT = "VidEoMT-L 640"
+VIDEOMT_ZOO_FPS = 160
+VIDEOMT_OVERRIDES = ["model.name=videomt", "model.masked_attn=never", "model.num_classes=40"]
+VIDEOMT_IMAGE_OVERRIDES = ["model.masked_attn=never", "model.num_classes=40"]
 # The dry run's stand-in for every model: the same configs, a 4-block ViT of width 32 and a
 # tenth of the input size.
 TINY_OVERRIDES = [
@@ -127,6 +139,7 @@ STEPS = (
     "training",
     "batched",
     "table",
+    "videomt",
     "demo",
     "autotune",
     "onnx",
@@ -163,6 +176,9 @@ class Run:
 
     def cfg(self, name: str, extra: list[str] = ()):
         config, _ = MODELS[name]
+        return self.cfg_of(config, extra)
+
+    def cfg_of(self, config: str, extra: list[str] = ()):
         overrides = ["model.pretrained=false", *extra]
         if not self.cuda:
             size = get_cfg(REPO / config).input.image_size[0] // 10
@@ -392,6 +408,42 @@ def step_table(run: Run) -> dict:
     return rows
 
 
+def step_videomt(run: Run) -> dict:
+    """VidEoMT-L 640 per frame (`VideoStep`), with the fastest agreeing option of fast_path
+    (else the fallback), and EoMT-L 640 without masking with the option VidEoMT ran."""
+    config = MODELS["EoMT-L 640"][0]
+    cfg = run.cfg_of(config, VIDEOMT_OVERRIDES)
+    size = cfg.input.image_size
+    video = VideoStep(run.build(cfg))
+    entry = {
+        "config": config,
+        "overrides": VIDEOMT_OVERRIDES,
+        "paper_fps": VIDEOMT_ZOO_FPS,
+        "paper": "tue-mps/videomt model zoo: YouTube-VIS 2019 VidEoMT-L, H100, torch.compile",
+        "per": "video frame: the streaming step, queries carried in and out",
+        "params": count_parameters(video),
+    }
+    for variant in dict.fromkeys([best_variant(run), run.fallback_variant]):
+        result = measure(run, video, size, variant)
+        entry.setdefault("tried", []).append(result)
+        if result.get("agrees"):
+            entry.update(result)
+            entry["ratio_to_paper"] = round(result["fps"] / VIDEOMT_ZOO_FPS, 2)
+            break
+    del video
+    release_compiled()
+    rows = {VIDEOMT: entry}
+    if "fps" in entry and not run.out_of_time():
+        image_cfg = run.cfg_of(config, VIDEOMT_IMAGE_OVERRIDES)
+        image = measure(run, run.build(image_cfg), size, variant_of(entry))
+        rows["EoMT-L 640 w/o masking"] = {**image, "overrides": VIDEOMT_IMAGE_OVERRIDES}
+        if "fps" in image:
+            rows["videomt_frame_over_eomt_image_ms"] = round(
+                entry["median_ms"] / image["median_ms"], 3
+            )
+    return rows
+
+
 def step_demo(run: Run) -> dict:
     """The demo config trained on the device; the loss must fall and PQ be scored."""
     work = Path(tempfile.mkdtemp(prefix="gpu_check_demo_"))
@@ -539,6 +591,8 @@ def summary_table(record: dict) -> str:
         rows["EoMT-L 640"] = {**best, "paper_fps": paper_fps("EoMT-L 640")}
     for step in ("headline", "table"):
         rows.update({k: v for k, v in steps.get(step, {}).items() if isinstance(v, dict)})
+    if isinstance(steps.get("videomt", {}).get(VIDEOMT), dict):
+        rows[f"{VIDEOMT} (per frame)"] = steps["videomt"][VIDEOMT]
     for name, row in rows.items():
         if "fps" not in row:
             why = row.get("skipped") or row.get("error") or "no agreeing option"
@@ -554,6 +608,14 @@ def summary_table(record: dict) -> str:
         paper = paper_fps("EoMT-L 640") / paper_fps("M2F-L 640")
         lines.append(
             f"\nEoMT-L / M2F-L 640: {steps['headline']['eomt_over_m2f']}x (paper {paper:.1f}x)"
+        )
+    videomt = steps.get("videomt", {})
+    if "videomt_frame_over_eomt_image_ms" in videomt:
+        image = videomt["EoMT-L 640 w/o masking"]
+        lines.append(
+            f"VidEoMT-L 640 frame / EoMT-L 640 image (no masking, {image['precision']}): "
+            f"{videomt['videomt_frame_over_eomt_image_ms']}x the time "
+            f"({videomt[VIDEOMT]['median_ms']:.2f} / {image['median_ms']:.2f} ms)"
         )
     matmul = steps.get("matmul", {})
     if "tflops" in matmul:

@@ -9,6 +9,7 @@
     python tools/benchmark.py --config-file CFG model.masked_attn=always   # EoMT w/ masking
     python tools/benchmark.py --config-file CFG --fps --run masking_masking >> bench.jsonl
     python tools/benchmark.py --config-file CFG --cpu-profile --warmup 1 --iterations 2
+    python tools/benchmark.py --config-file CFG model.name=videomt model.masked_attn=never --fps
 
 One JSON line per config (or, with --table, one markdown table). GFLOPs: fvcore's count of the
 inference forward at batch 1 (see eomt/benchmark.py); semantic configs count every window of a
@@ -16,7 +17,9 @@ typical validation image (--image-size to choose another). FPS on CUDA runs floa
 under bf16 autocast unless --weights-dtype or --autocast says otherwise; the line's
 "precision" says what ran. --cpu-profile reports instead where the CPU time of one forward goes:
 GFLOPs, milliseconds and the fraction of the measured float32 matmul rate of each kind of work
-(linear, attention, convolution, other), as one JSON line or --table.
+(linear, attention, convolution, other), as one JSON line or --table. A VidEoMT config
+(model.name videomt) is counted and timed per video frame: one streaming step, the queries
+carried from a previous frame in and the next frame's out (eomt.benchmark.VideoStep).
 """
 
 import argparse

@@ -8,7 +8,7 @@
         --base-weights dinov3_vitl16.safetensors --image-size 640 640
     # ours -> a transformers folder (EomtForUniversalSegmentation / EomtDinov3...)
     python tools/convert_checkpoint.py output/run/model_0088692.pth hf_model --to hf
-    # Hugging Face folder -> ours; ours -> official
+    # Hugging Face folder -> ours; ours -> official (VidEoMT: its authors' detectron2 layout)
     python tools/convert_checkpoint.py hf_model eomt.safetensors --to ours
     python tools/convert_checkpoint.py eomt.safetensors pytorch_model.bin --to official
 
@@ -88,7 +88,10 @@ def write(model, cfg, categories, output: Path, layout: str) -> None:
             state = {"model": model.state_dict(), "cfg": OmegaConf.to_container(cfg)}
             save_atomic({**state, "categories": categories}, output)
     elif layout == "official":
-        save_atomic(official_state_dict(model, cfg.loss.no_object_weight), output)
+        state = official_state_dict(model, cfg.loss.no_object_weight)
+        if cfg.model.name == "videomt":  # its authors' layout: a detectron2 checkpoint
+            state = {"model": state}
+        save_atomic(state, output)
     else:
         save_hf(model, categories, output, cfg.loss.no_object_weight)
 

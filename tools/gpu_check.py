@@ -87,6 +87,7 @@ MODULES_NOT_NEEDED_ON_GPU = {
     "cityscapesscripts": "the Cityscapes label table: Cityscapes data and class names only",
     "pyspng": "faster panoptic PNG decoding; Pillow decodes the same pixels without it",
     "wandb": "logging to wandb (wandb.enabled=true) only",
+    "av": "video files (eomt/deploy/video.py: tools/predict.py --video) only",
 }
 # Package files this command never imports (directly or not), with modules in neither.
 FILES_NOT_NEEDED_ON_GPU = {

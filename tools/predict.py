@@ -8,12 +8,20 @@
     python tools/predict.py --weights model.pth --input datasets/coco/val2017 --output out \\
         --coco-json datasets/coco/annotations/panoptic_val2017.json
     python tools/predict.py --weights model.pth --input aerial/ --output out --tile 640
+    python tools/predict.py --weights videomt.pth --video clip.mp4 --output out
+    python tools/predict.py --weights videomt.pth --frames JPEGImages/0a2f3 --output out \\
+        --task instance --video-id 17
 
 Writes PNG/JSON predictions (COCO panoptic format for panoptic, COCO results for instance,
 label PNGs for semantic) and overlay pictures; runs on the GPU when there is one. Outputs are
 named by the image's file stem, which is also its image id (a string); with --coco-json they
 take the JSON's image ids and file names, so that tools/evaluate.py scores them against it.
 With --tile, images larger than a tile are predicted at full resolution in overlapping tiles.
+
+--video (a file) and --frames (a folder of frames, in name order) take a VidEoMT checkpoint and
+predict frame by frame, its queries carried over frames (ids stable: docs/video_prediction.md):
+per-frame panoptic / semantic PNGs, YouTube-VIS results.json for instance, overlay.mp4 and
+video.json (frames per second among it). Another model is refused.
 """
 
 import argparse
@@ -28,6 +36,7 @@ from eomt.deploy.predictor import (
     write_predictions,
 )
 from eomt.deploy.runtime import check_runtime_arguments
+from eomt.deploy.video import DEFAULT_MAX_TRACKS, write_video_predictions
 
 
 def _int_at_least(minimum: int):
@@ -60,11 +69,17 @@ def _overlap(text: str) -> int | float:
 def parse_args(argv=None):
     parser = ToolParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_predictor_arguments(parser)
-    parser.add_argument(
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument(
         "--input",
-        required=True,
         help="an image, a folder or a glob pattern (with --coco-json: "
         "the folder of the JSON's images)",
+    )
+    inputs.add_argument("--video", metavar="FILE", help="a video file (VidEoMT checkpoints)")
+    inputs.add_argument(
+        "--frames",
+        metavar="DIR",
+        help="a folder of a video's frames, in name order (VidEoMT checkpoints)",
     )
     parser.add_argument("--output", required=True, help="folder for predictions and pictures")
     parser.add_argument(
@@ -118,6 +133,26 @@ def parse_args(argv=None):
         help="how much neighbouring tiles overlap: pixels (64) or a fraction of the tile "
         "(0.25, the default)",
     )
+    video = parser.add_argument_group("video (--video, --frames)")
+    video.add_argument(
+        "--max-tracks",
+        type=_int_at_least(1),
+        default=DEFAULT_MAX_TRACKS,
+        metavar="N",
+        help="instance: the N best tracks of the video in results.json (default: "
+        f"{DEFAULT_MAX_TRACKS}, the authors' for YouTube-VIS)",
+    )
+    video.add_argument(
+        "--video-id",
+        type=_video_id,
+        help="video_id of results.json (default: the file's or folder's stem); the dataset's "
+        "id to score it against its ground truth",
+    )
+    video.add_argument(
+        "--frame-rate",
+        type=float,
+        help="frames per second of overlay.mp4 (default: the file's; for --frames 24)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     check_runtime_arguments(parser, args)
@@ -125,10 +160,55 @@ def parse_args(argv=None):
         parser.error("--tile-overlap needs --tile")
     if args.tile is not None and args.show_queries:
         parser.error("--show-queries draws the untiled prediction: not with --tile")
+    if args.video or args.frames:
+        given = [
+            flag
+            for flag, value in (
+                ("--tile", args.tile),
+                ("--show-queries", args.show_queries),
+                ("--coco-json", args.coco_json),
+            )
+            if value
+        ]
+        if given:
+            parser.error(f"{' '.join(given)}: for images, not with --video or --frames")
+    elif args.video_id is not None or args.frame_rate is not None:
+        parser.error("--video-id and --frame-rate are for --video or --frames")
+    if args.frame_rate is not None and args.frame_rate <= 0:
+        parser.error(f"--frame-rate must be positive, got {args.frame_rate}")
     return args
 
 
+def _video_id(text: str) -> int | str:
+    """An argparse type: an integer id (YouTube-VIS's), else the text."""
+    return int(text) if text.isdigit() else text
+
+
+def main_video(args):
+    predictor = predictor_from_arguments(args)
+    summary = write_video_predictions(
+        predictor,
+        args.video or args.frames,
+        args.output,
+        task=args.task,
+        overlay=not args.no_overlay,
+        max_tracks=args.max_tracks,
+        score_threshold=args.score_threshold,
+        video_id=args.video_id,
+        frame_rate=args.frame_rate,
+        progress=not args.quiet,
+    )
+    precision = predictor.forward.describe()["precision"]
+    print(
+        f"{summary.describe()} -> {args.output} ({', '.join(summary.files)}); the model ran in "
+        f"{precision} on {predictor.device}"
+    )
+    return summary
+
+
 def main(args) -> PredictionSummary:
+    if args.video or args.frames:
+        return main_video(args)
     predictor = predictor_from_arguments(
         args,
         tile=args.tile,

@@ -202,6 +202,14 @@ class Predictor:
             return self._predict(tensors, task)
         return [self._predict_tiled(tensor, task) for tensor in tensors]
 
+    def video_stream(self, task: str | None = None, max_tracks: int = 10):
+        """A `VideoStream` (eomt/deploy/video.py) of a VidEoMT checkpoint: `.predict(frame)`
+        for the frames of one video in order, the model's queries carried from frame to frame
+        (query k is one identity over the video); a model without them is refused."""
+        from eomt.deploy.video import VideoStream
+
+        return VideoStream(self, task, max_tracks)
+
     def _predict(self, tensors: list[torch.Tensor], task) -> list:
         results = infer(self.forward, tensors, self.cfg, self.categories, [task.name])[-1]
         return [task.public(result[task.name], self.categories) for result in results]

@@ -13,17 +13,18 @@ from eomt.modeling.eomt import EoMT
 from eomt.modeling.mask2former import Mask2Former
 from eomt.modeling.pmt import PMT
 from eomt.modeling.token_merging import TokenMerging
+from eomt.modeling.videomt import VidEoMT
 
-MODEL_NAMES = ("eomt", "m2f", "pmt", "dense")
+MODEL_NAMES = ("eomt", "m2f", "pmt", "dense", "videomt")
 
 
 def build_model(cfg, backbone_weights: bool = True) -> nn.Module:
     """The model a config describes (`model.name`: "eomt"; "m2f" for Mask2Former and the
     ladder between it and EoMT, set by the `m2f` keys; "pmt" for PMT, new blocks on a frozen
     encoder's taps, set by the `pmt` keys; "dense" for a per-pixel head, set by the `dense`
-    keys), with the backbone's pretrained weights if asked (`backbone_weights=False` skips
-    them, when a full checkpoint is loaded next) and its first `model.frozen_blocks` blocks
-    frozen."""
+    keys; "videomt" for VidEoMT, EoMT on video, set by the `videomt` keys), with the
+    backbone's pretrained weights if asked (`backbone_weights=False` skips them, when a full
+    checkpoint is loaded next) and its first `model.frozen_blocks` blocks frozen."""
     return _build(cfg, backbone_weights)
 
 
@@ -120,6 +121,19 @@ def _build(cfg, backbone_weights: bool) -> nn.Module:
             mlp_dim=p.mlp_dim or None,
             masked_attn=m.masked_attn,
         )
+    if m.name == "videomt":
+        if m.masked_attn != "never":
+            raise ValueError(
+                "model.name 'videomt' has no masked attention (as the authors' model): "
+                f"set model.masked_attn never (got {m.masked_attn!r})"
+            )
+        return VidEoMT(
+            backbone,
+            num_classes=m.num_classes,
+            num_queries=m.num_queries,
+            num_query_blocks=m.num_query_blocks,
+            norm_queries=cfg.videomt.norm_queries,
+        )
     return EoMT(
         backbone,
         num_classes=m.num_classes,
@@ -170,6 +184,7 @@ __all__ = [
     "PMT",
     "PixelCrossEntropy",
     "TokenMerging",
+    "VidEoMT",
     "build_backbone",
     "build_criterion",
     "build_model",

@@ -34,6 +34,9 @@ KNOWN_DATASETS = {
     (150, 100): ("semantic", "ade20k_semantic"),
     (19, 100): ("semantic", "cityscapes_semantic"),
 }
+# VidEoMT's released models: classes -> task (YouTube-VIS 2019/21/22: 40, OVIS: 25; VIPSeg and
+# VSPW, 124 classes both, are panoptic and semantic: read as panoptic).
+VIDEO_TASKS = {40: "instance", 25: "instance", 124: "panoptic"}
 
 
 def model_config(
@@ -41,16 +44,20 @@ def model_config(
     stored: StoredWeights,
     image_size: tuple[int, int] | None = None,
     num_heads: int | None = None,
+    video: bool = False,
 ) -> tuple[DictConfig, list[dict]]:
     """(cfg, categories) of the model whose weights `stored` holds, `state` in our layout.
 
     Our checkpoints carry both. For official and Hugging Face weights the architecture is
     inferred (`infer_config`); an HF folder's config.json gives the input size, heads and class
-    names. `image_size` and `num_heads` override what the file does not say."""
+    names. `image_size` and `num_heads` override what the file does not say. `video`: the
+    weights are VidEoMT's, or EoMT's to initialise VidEoMT with (`as_videomt`)."""
     if stored.cfg is not None:
         cfg = cfg_from_dict(stored.cfg)
         if image_size is not None:
             cfg.input.image_size = list(image_size)
+        if video:
+            as_videomt(cfg, stored.path)
         categories = stored.categories
     else:
         hf = stored.hf_config
@@ -58,15 +65,30 @@ def model_config(
             side = hf["image_size"]
             image_size = tuple(side) if isinstance(side, list) else (side, side)
         num_heads = num_heads or hf.get("num_attention_heads")
-        cfg = get_cfg(overrides=infer_config(state, image_size, num_heads))
+        cfg = get_cfg(overrides=infer_config(state, image_size, num_heads, video))
         id2label = hf.get("id2label")
         names = [id2label[str(i)] for i in range(len(id2label))] if id2label else None
         categories = generic_categories(cfg.model.num_classes, names)
     return cfg, categories or generic_categories(cfg.model.num_classes)
 
 
+def as_videomt(cfg: DictConfig, source="weights") -> DictConfig:
+    """The config of an EoMT made VidEoMT (the same weights and a new query updater)."""
+    if cfg.model.name not in ("eomt", "videomt"):
+        raise ValueError(
+            f"{source}: {cfg.model.name} weights; only EoMT's initialise VidEoMT (the same "
+            "ViT, queries and heads, and a new query updater)"
+        )
+    cfg.model.name = "videomt"
+    cfg.model.masked_attn = "never"
+    return cfg
+
+
 def infer_config(
-    state: dict, image_size: tuple[int, int] | None = None, num_heads: int | None = None
+    state: dict,
+    image_size: tuple[int, int] | None = None,
+    num_heads: int | None = None,
+    video: bool = False,
 ) -> dict:
     """Flat config values of the EoMT that holds `state` (ours): the timm backbone (name and,
     for sizes no released model has, its width, depth, heads, MLP ratio, registers and layer
@@ -74,6 +96,11 @@ def infer_config(
 
     Heads are not in the shapes: DINOv2 and DINOv3 use heads of 64 channels unless
     `num_heads` says otherwise. DINOv3 (rotary positions) keeps no input size: 640 unless given.
+
+    VidEoMT (weights with a query updater, or any EoMT weights with `video`): its query blocks
+    are the last `attn_mask_probs` blocks (the authors' SEGMENTER_BLOCKS, the last ones in all
+    their configs) and `videomt.norm_queries` is what the authors' configs set (on for DINOv3
+    with 124 classes, VIPSeg and VSPW; off elsewhere), which the weights do not say.
     """
     for key in ("queries.weight", "class_head.weight", "backbone.patch_embed.proj.weight"):
         if key not in state:
@@ -144,6 +171,19 @@ def infer_config(
         config.update(pmt_config(state, depth))
     elif "attn_mask_probs" in state:
         config["model.num_query_blocks"] = state["attn_mask_probs"].shape[0]
+    if video or "query_updater.weight" in state:
+        if is_pmt(state):
+            raise ValueError("PMT weights cannot make a VidEoMT: only EoMT's")
+        task = VIDEO_TASKS.get(num_classes, task)
+        config.update(
+            {
+                "model.name": "videomt",
+                "model.masked_attn": "never",
+                "task": task,
+                "test.metrics": [task],
+                "videomt.norm_queries": eva and num_classes == 124,
+            }
+        )
     return config
 
 

@@ -1,5 +1,5 @@
 """Our models written in the layouts of other implementations: the official release's state
-dict and a transformers model folder."""
+dict (for VidEoMT, its authors' detectron2 layout) and a transformers model folder."""
 
 import json
 from pathlib import Path
@@ -7,12 +7,25 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from eomt.modeling.criterion import class_weights
-from eomt.weights.layouts import is_eva, ours_to_hf, ours_to_official, vit_mlp_is_gated
+from eomt.weights.layouts import (
+    is_eva,
+    ours_to_hf,
+    ours_to_official,
+    ours_to_videomt,
+    vit_mlp_is_gated,
+)
+
+
+def is_video(model) -> bool:
+    return hasattr(model, "query_updater")  # VidEoMT
 
 
 def official_state_dict(model, no_object_weight: float = 0.1) -> dict:
-    """`model`'s weights as the official release stores them, with the loss's class weights."""
-    state = ours_to_official(model.state_dict())
+    """`model`'s weights as the official release stores them (VidEoMT: as its authors'
+    meta-architecture does, which detectron2 saves under "model"), with the loss's class
+    weights."""
+    convert = ours_to_videomt if is_video(model) else ours_to_official
+    state = convert(model.state_dict())
     state["criterion.empty_weight"] = class_weights(model.num_classes, no_object_weight)
     return state
 
@@ -43,6 +56,10 @@ def hf_config(model, categories: list[dict]) -> dict:
         "id2label": {str(i): c["name"] for i, c in enumerate(categories)},
         "label2id": {c["name"]: i for i, c in enumerate(categories)},
     }
+    if is_video(model):
+        if eva:
+            raise ValueError("transformers' VidEoMT (VideomtForUniversalSegmentation) is DINOv2's")
+        config["architectures"] = ["VideomtForUniversalSegmentation"]
     if eva:
         gated = "blocks.0.mlp.fc1_g.weight" in state
         hidden = state["blocks.0.mlp.fc1_g.weight" if gated else "blocks.0.mlp.fc1.weight"].shape[0]
@@ -65,8 +82,8 @@ def hf_config(model, categories: list[dict]) -> dict:
         if swiglu and 2 * _hf_swiglu_hidden(vit.embed_dim, 4) != fc1_rows:
             raise ValueError("this SwiGLU hidden size has no Hugging Face EoMT equivalent")
         config.update(
-            model_type="eomt",
-            architectures=["EomtForUniversalSegmentation"],
+            model_type="videomt" if is_video(model) else "eomt",
+            architectures=config.get("architectures", ["EomtForUniversalSegmentation"]),
             use_swiglu_ffn=swiglu,
             mlp_ratio=4 if swiglu else fc1_rows // vit.embed_dim,
         )
@@ -77,7 +94,8 @@ def save_hf(
     model, categories: list[dict], folder: str | Path, no_object_weight: float = 0.1
 ) -> Path:
     """Write `model` as a transformers model folder: model.safetensors, config.json and the
-    image processor's preprocessor_config.json with the model's image statistics."""
+    image processor's preprocessor_config.json with the model's image statistics (VidEoMT:
+    the video processor's video_preprocessor_config.json)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = ours_to_hf(model.state_dict())
@@ -91,7 +109,12 @@ def save_hf(
         "image_mean": model.pixel_mean.flatten().tolist(),
         "image_std": model.pixel_std.flatten().tolist(),
     }
-    (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+    name = "preprocessor_config.json"
+    if is_video(model):
+        del processor["image_processor_type"]
+        processor["video_processor_type"] = "VideomtVideoProcessor"
+        name = "video_preprocessor_config.json"
+    (folder / name).write_text(json.dumps(processor, indent=2))
     return folder / "model.safetensors"
 
 

@@ -95,7 +95,10 @@ def read_weights(path: str | Path, hf_config: bool = False) -> StoredWeights:
     checkpoint = read_checkpoint(path)
     state = model_state_dict(checkpoint)
     # HF models normalise images in their image processor, whose config may sit beside.
-    processor = json_beside(path, "preprocessor_config.json")
+    processor = json_beside(path, "preprocessor_config.json") or json_beside(
+        path,
+        "video_preprocessor_config.json",  # VidEoMT's video processor
+    )
     if isinstance(checkpoint.get("cfg"), dict):
         return StoredWeights(
             path, state, checkpoint["cfg"], checkpoint.get("categories"), processor

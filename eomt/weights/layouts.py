@@ -13,6 +13,12 @@ official  the authors' release (tue-mps/eomt `pytorch_model.bin`, or a Lightning
           and `network.decoder.*` (fusion, queries, DINOv3-style blocks, heads).
 hf        transformers' `EomtForUniversalSegmentation` (DINOv2) and
           `EomtDinov3ForUniversalSegmentation` (DINOv3); they normalise images outside the model.
+          `VideomtForUniversalSegmentation` (VidEoMT, DINOv2) adds `query_updater.*`.
+videomt   the VidEoMT authors' detectron2 checkpoints (tue-mps/videomt, `{"model": ...}`): the
+          meta-architecture's `backbone.*` holds the model, `backbone.encoder.backbone.*` its ViT
+          (timm's DINOv2, or transformers' DINOv3 with the names of the official DINOv3 layout),
+          `backbone.q.weight` the queries; `criterion.*` is the loss's. The image statistics are
+          not stored (their config's PIXEL_MEAN / PIXEL_STD, ImageNet's on 0-255 in every config).
 
 DINOv3 backbone weights, the base of deltas, come in transformers', Meta's or timm's layout.
 Every conversion only renames, splits or concatenates tensors, so outputs stay equal.
@@ -23,7 +29,7 @@ import torch
 
 from eomt.modeling.eomt import IMAGENET_MEAN, IMAGENET_STD
 
-OURS, OFFICIAL, HF = "ours", "official", "hf"
+OURS, OFFICIAL, HF, VIDEOMT = "ours", "official", "hf", "videomt"
 
 OFFICIAL_BACKBONE = "network.encoder.backbone."
 # Official names outside the backbone -> ours (first matching prefix wins).
@@ -43,6 +49,9 @@ HF_HEAD_RENAMES = (
     ("attn_mask_probs", "attn_mask_probs"),
     ("upscale_block.block.", "upscale."),
 )
+VIDEOMT_BACKBONE = "backbone.encoder.backbone."
+# The VidEoMT authors' names outside the ViT -> ours (first matching prefix wins).
+VIDEOMT_RENAMES = (("backbone.q.", "queries."), ("backbone.", ""))
 # PMT's names outside the encoder and the new blocks -> ours (first matching prefix wins).
 PMT_DECODER = "network.decoder."
 PMT_RENAMES = (
@@ -80,9 +89,11 @@ EVA_BLOCK_RENAMES = {  # HF DINOv3 layer -> timm Eva block
 
 
 def detect_format(state: dict, source: str = "checkpoint") -> str:
-    """'ours', 'official' or 'hf', from the key names."""
+    """'ours', 'official', 'hf' or 'videomt', from the key names."""
     if any(k.startswith("network.") for k in state):
         return OFFICIAL
+    if is_videomt_layout(state):
+        return VIDEOMT
     if "query.weight" in state and any(k.startswith("layers.") for k in state):
         return HF
     # Ours: EoMT / PMT / Mask2Former queries, or a dense head on our backbone.
@@ -93,7 +104,8 @@ def detect_format(state: dict, source: str = "checkpoint") -> str:
     shown = ", ".join(list(state)[:5])
     raise ValueError(
         f"{source}: not EoMT weights: expected 'queries.weight' (this codebase), "
-        f"'network.q.weight' (official release) or 'query.weight' (Hugging Face); "
+        f"'network.q.weight' (official release), 'backbone.q.weight' (VidEoMT authors') or "
+        f"'query.weight' (Hugging Face); "
         f"found keys such as {shown}"
     )
 
@@ -113,6 +125,8 @@ def to_ours(
         return official_to_ours(state)
     if fmt == HF:
         return hf_to_ours(state, pixel_mean, pixel_std)
+    if fmt == VIDEOMT:
+        return videomt_to_ours(state)
     return state
 
 
@@ -160,11 +174,54 @@ def is_pmt(state: dict) -> bool:
     return any(k.startswith("tap_norms.") for k in state)
 
 
-def _official_backbone_to_timm(state: dict) -> dict:
-    backbone = strip_prefix(state, OFFICIAL_BACKBONE)
+def _official_backbone_to_timm(state: dict, prefix: str = OFFICIAL_BACKBONE) -> dict:
+    backbone = strip_prefix(state, prefix)
     if "patch_embed.patch_embeddings.weight" in backbone:  # transformers' DINOv3ViTModel
         backbone = _hf_backbone_to_timm(backbone, "patch_embed.", "blocks.", "norm.", eva=True)
     return backbone
+
+
+# -- the VidEoMT authors' ------------------------------------------------------------------------
+
+
+def is_videomt_layout(state: dict) -> bool:
+    """The VidEoMT authors' detectron2 layout: their ViT wrapper or queries under `backbone.`."""
+    return "backbone.q.weight" in state or any(k.startswith(VIDEOMT_BACKBONE) for k in state)
+
+
+def videomt_to_ours(state: dict) -> dict:
+    """The VidEoMT authors' checkpoint (a trained model, or the image "segmenter" weights
+    their training starts from) -> ours, with ImageNet's statistics (their configs' PIXEL_MEAN
+    and PIXEL_STD / 255); the loss's buffers (`criterion.*`) are left out."""
+    backbone = _official_backbone_to_timm(state, VIDEOMT_BACKBONE)
+    out = {"backbone." + k: v for k, v in backbone.items()}
+    for key, value in state.items():
+        if not key.startswith((VIDEOMT_BACKBONE, "criterion.")):
+            out[_rename(key, VIDEOMT_RENAMES)] = value
+    out["pixel_mean"] = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    out["pixel_std"] = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return out
+
+
+def ours_to_videomt(state: dict) -> dict:
+    """Our VidEoMT weights -> the VidEoMT authors' layout (their meta-architecture's state dict,
+    without the loss's buffers), which holds no image statistics: ImageNet's only."""
+    for key, value in (("pixel_mean", IMAGENET_MEAN), ("pixel_std", IMAGENET_STD)):
+        if key in state and not torch.allclose(state[key].flatten(), torch.tensor(value)):
+            raise ValueError(
+                f"the VidEoMT authors' layout keeps no image statistics (their configs use "
+                f"ImageNet's): this model's {key} is {state[key].flatten().tolist()}"
+            )
+    backbone = strip_prefix(state, "backbone.")
+    if is_eva(backbone):
+        backbone = _timm_backbone_to_hf(backbone, "patch_embed.", "blocks.", "norm.", eva=True)
+    out = {VIDEOMT_BACKBONE + k: v for k, v in backbone.items()}
+    for key, value in state.items():
+        if key == "queries.weight":
+            out["backbone.q.weight"] = value
+        elif not key.startswith("backbone.") and key not in ("pixel_mean", "pixel_std"):
+            out["backbone." + key] = value
+    return out
 
 
 # -- Hugging Face --------------------------------------------------------------------------------

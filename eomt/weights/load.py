@@ -1,6 +1,6 @@
 """The one door for weights: any supported file (ours, the official release, Hugging Face, official
-DINOv3 deltas, PMT's Lightning checkpoints and decoder-only release files) -> weights in our
-layout, and the model they belong to.
+DINOv3 deltas, PMT's Lightning checkpoints and decoder-only release files, the VidEoMT authors'
+detectron2 checkpoints) -> weights in our layout, and the model they belong to.
 
 A file goes down through the package once: `files` reads it, `layouts` renames its keys to ours,
 `architecture` gives the model's config, `eomt.modeling` builds the model, `load_state` fills it.
@@ -9,6 +9,7 @@ backbone weights they build on are read and renamed after the model is built, wh
 Meta's layout and timm's resampling need.
 """
 
+import warnings
 from pathlib import Path
 
 import timm
@@ -26,6 +27,7 @@ from eomt.weights.layouts import (
     is_delta,
     is_eva,
     is_pmt,
+    is_videomt_layout,
     split_blocks,
     to_ours,
 )
@@ -51,6 +53,8 @@ def load_model(
     base_weights: str | Path | None = None,
     image_size: tuple[int, int] | None = None,
     num_heads: int | None = None,
+    video: bool = False,
+    norm_queries: bool | None = None,
 ):
     """(model, cfg, categories) from a checkpoint alone.
 
@@ -60,8 +64,15 @@ def load_model(
     heads and class names. `image_size` and `num_heads` override what cannot be read from DINOv3
     weights (input size) or from shapes; learned position embeddings of another input size are
     resampled to `image_size`.
+
+    VidEoMT: weights with a query updater (ours, the authors' or Hugging Face's) give VidEoMT;
+    so do the authors' "segmenter" weights (their layout without a query updater) and, with
+    `video=True`, any EoMT weights: the same ViT, queries and heads, and a freshly initialised
+    query updater (with a warning: train it before use). `norm_queries` sets VidEoMT's
+    `videomt.norm_queries`, which the weights do not hold (see `infer_config`).
     """
     stored = read_weights(path, hf_config=True)
+    video = video or is_videomt_layout(stored.state)
     state = _ours(stored)
     delta = is_delta(state)
     decoder_only = holds_decoder_only(state)
@@ -78,19 +89,25 @@ def load_model(
         )
         cfg.model.patch_size = 2 ** (len(split_blocks(state, "upscale.")) + 2)
     else:
-        cfg, categories = model_config(state, stored, image_size, num_heads)
+        cfg, categories = model_config(state, stored, image_size, num_heads, video)
+    if norm_queries is not None:
+        if cfg.model.name != "videomt":
+            raise ValueError(f"{stored.path}: norm_queries is VidEoMT's; these are not its weights")
+        cfg.videomt.norm_queries = norm_queries
     model = build_model(cfg, backbone_weights=False)
     if delta:
         state = _absolute(state, stored.path, base_weights, model.backbone)
     elif decoder_only:
         state = with_encoder(state, encoder, model.backbone)
+    if cfg.model.name == "videomt":
+        state = _with_query_updater(state, model, stored.path)
     load_state(model, _fit_pos_embed(state, model.backbone), True, str(stored.path))
     return model, cfg, categories
 
 
 def from_checkpoint(path: str | Path, base_weights: str | Path | None = None, **kwargs):
-    """The EoMT model of a checkpoint (ours, official or Hugging Face), built without a
-    config; see `load_model` for the keyword arguments."""
+    """The EoMT (or PMT, VidEoMT) model of a checkpoint (ours, official, Hugging Face, the
+    VidEoMT authors'), built without a config; see `load_model` for the keyword arguments."""
     return load_model(path, base_weights, **kwargs)[0]
 
 
@@ -120,6 +137,19 @@ def _ours(stored: StoredWeights) -> dict:
         stored.processor.get("image_mean", IMAGENET_MEAN),
         stored.processor.get("image_std", IMAGENET_STD),
     )
+
+
+def _with_query_updater(state: dict, model: nn.Module, path: Path) -> dict:
+    """VidEoMT weights; those of an image model get the model's new query updater."""
+    if "query_updater.weight" in state:
+        return state
+    warnings.warn(
+        f"{path}: no query updater in the weights (EoMT's, or the VidEoMT authors' segmenter "
+        "weights): VidEoMT's query updater is freshly initialised, train it before use",
+        stacklevel=3,
+    )
+    new = {"query_updater." + k: v for k, v in model.query_updater.state_dict().items()}
+    return {**state, **new}
 
 
 def _absolute(delta: dict, path: Path, base_weights, backbone) -> dict:
