@@ -19,6 +19,8 @@ skipped):
   videomt      VidEoMT-L 640 per video frame (its streaming step, queries carried) beside the
                authors' 160 FPS for YouTube-VIS 2019, and EoMT-L 640 without masking with the
                same option: what the propagation costs per frame
+  token_merging  EoMT-L Cityscapes 1024 windows at batch 32 with and without ALGM token merging
+               (synthetic street scenes, eager, bf16 autocast), beside the paper's 29 -> 38 img/s
   demo         the synthetic demo config trained on the device: the loss falls, PQ is scored
   autotune     EoMT-L 640 with torch.compile mode max-autotune (slow to compile)
   onnx         EoMT-S 640 exported in fp32 and fp16, checked with onnxruntime
@@ -77,6 +79,14 @@ VIDEOMT = "VidEoMT-L 640"
 VIDEOMT_ZOO_FPS = 160
 VIDEOMT_OVERRIDES = ["model.name=videomt", "model.masked_attn=never", "model.num_classes=40"]
 VIDEOMT_IMAGE_OVERRIDES = ["model.masked_attn=never", "model.num_classes=40"]
+# The paper's token merging table (tab:algm): EoMT-L on Cityscapes (1024 windows) with and
+# without ALGM, images/s at batch 32; ALGM's ViT-L settings (global merging after block 6,
+# threshold 0.95). Merging cannot be compiled: both models run eagerly, bf16 autocast.
+TOKEN_MERGING_CONFIG = "configs/cityscapes/semantic/eomt_large_1024.yaml"
+TOKEN_MERGING_OVERRIDES = [
+    "model.token_merging.global_block=6",
+    "model.token_merging.threshold=0.95",
+]
 # The dry run's stand-in for every model: the same configs, a 4-block ViT of width 32 and a
 # tenth of the input size.
 TINY_OVERRIDES = [
@@ -140,6 +150,7 @@ STEPS = (
     "batched",
     "table",
     "videomt",
+    "token_merging",
     "demo",
     "autotune",
     "onnx",
@@ -444,6 +455,58 @@ def step_videomt(run: Run) -> dict:
     return rows
 
 
+def step_token_merging(run: Run) -> dict:
+    """Images/s of EoMT-L on Cityscapes-sized street scenes (`street_scene`, two 1024 windows
+    each) with and without merging, batch 32 windows, timed in turns; tokens kept per merge."""
+    from eomt.inference import autocast_for
+    from eomt.merging_benchmark import image_windows, merged_counts, street_scene
+
+    cfg = run.cfg_of(TOKEN_MERGING_CONFIG, TOKEN_MERGING_OVERRIDES)
+    if not run.cuda:  # the dry run's ViT has 2 blocks before its query blocks
+        cfg.model.token_merging.global_block = 1
+    models = {}
+    for enabled in (False, True):
+        cfg.model.token_merging.enabled = enabled
+        models["merged" if enabled else "plain"] = run.build(cfg)
+    models["merged"].load_state_dict(models["plain"].state_dict())
+    window = cfg.input.image_size[0]
+    batch_size, rounds = (32, 5) if run.cuda else (2, 1)
+    scenes = [street_scene(window, 2 * window, seed=i) for i in range(batch_size // 2)]
+    windows = torch.cat([image_windows(scene, cfg) for scene in scenes]).to(run.device)
+    per_image = len(windows) // len(scenes)
+    times = {name: [] for name in models}
+    with torch.no_grad(), autocast_for(run.device, "bf16"):
+        for model in models.values():
+            model(windows)  # warm-up
+        tokens = merged_counts(models["merged"])
+        for index in range(rounds):
+            for name in list(models)[:: 1 if index % 2 == 0 else -1]:
+                if run.cuda:
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                models[name](windows)
+                if run.cuda:
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
+    paper = {name: paper_row(f"token_merging.{name}") for name in ("eomt", "eomt_algm")}
+    result = {
+        "config": TOKEN_MERGING_CONFIG,
+        "overrides": TOKEN_MERGING_OVERRIDES,
+        "batch_windows": len(windows),
+        "windows_per_image": per_image,
+        "precision": "bf16 autocast" if run.cuda else "float32",
+        "tokens_after_merges": [round(sum(c) / len(c), 1) for c in tokens],
+        "paper_images_per_second": {
+            "plain": paper["eomt"]["fps"],
+            "merged": paper["eomt_algm"]["fps"],
+        },
+    }
+    for name, seconds in times.items():
+        result[f"images_per_second_{name}"] = round(len(scenes) / min(seconds), 2)
+    result["speedup"] = round(min(times["plain"]) / min(times["merged"]), 3)
+    return result
+
+
 def step_demo(run: Run) -> dict:
     """The demo config trained on the device; the loss must fall and PQ be scored."""
     work = Path(tempfile.mkdtemp(prefix="gpu_check_demo_"))
@@ -616,6 +679,14 @@ def summary_table(record: dict) -> str:
             f"VidEoMT-L 640 frame / EoMT-L 640 image (no masking, {image['precision']}): "
             f"{videomt['videomt_frame_over_eomt_image_ms']}x the time "
             f"({videomt[VIDEOMT]['median_ms']:.2f} / {image['median_ms']:.2f} ms)"
+        )
+    merging = steps.get("token_merging", {})
+    if "speedup" in merging:
+        paper = merging["paper_images_per_second"]
+        lines.append(
+            f"EoMT-L Cityscapes 1024, {merging['batch_windows']} windows, token merging: "
+            f"{merging['images_per_second_plain']} -> {merging['images_per_second_merged']} "
+            f"images/s ({merging['speedup']}x; paper {paper['plain']} -> {paper['merged']})"
         )
     matmul = steps.get("matmul", {})
     if "tflops" in matmul:
