@@ -27,6 +27,8 @@ from eomt.data.files import DataPath, find_first
 from eomt.data.images import IMAGE_SUFFIXES
 from eomt.data.semantic import SemanticDataset
 from eomt.data.synthetic import SYNTHETIC_CATEGORIES, synthetic_split_paths
+from eomt.data.synthetic_video import synthetic_video_paths
+from eomt.data.ytvis import YTVISDataset
 
 SPLITS = ("train", "val")
 COCO_PANOPTIC_ZIP = "panoptic_annotations_trainval2017.zip"
@@ -45,7 +47,9 @@ class Layout:
     wins}; None for a format without a place of its own (every piece is given). build({piece:
     DataPath}, transforms, bad_samples="stop", **options) -> the dataset (bad_samples: the
     policy of eomt.data.bad_samples; options: the cfg.dataset keys named in `options`).
-    full_sizes: images per official split."""
+    full_sizes: images per official split. video: the reader's items are clips / videos
+    (build also takes `clip_sampler`, a `ClipSampler` for training clips, None for whole
+    videos)."""
 
     pieces: tuple[str, ...]
     places: Callable[[str], dict[str, tuple[str, ...]]] | None
@@ -53,6 +57,7 @@ class Layout:
     full_sizes: dict[str, int] = field(default_factory=dict)
     hint: str = ""
     options: tuple[str, ...] = ()
+    video: bool = False
 
     def locate(
         self, root: str | Path, split: str, given: dict[str, DataPath] | None = None
@@ -272,6 +277,31 @@ def read_class_list(path: DataPath) -> list[dict]:
     ]
 
 
+def _ytvis_places(split: str) -> dict[str, tuple[str, ...]]:
+    """YouTube-VIS 2019 / 2021 under their root (the authors' ytvis_20xx/): train/JPEGImages
+    and train.json, valid/JPEGImages and valid.json (val: the official "valid" split)."""
+    folder = {"train": "train", "val": "valid"}[_official_split(split)]
+    return {"images": (f"{folder}/JPEGImages",), "annotations": (f"{folder}.json",)}
+
+
+def _ovis_places(split: str) -> dict[str, tuple[str, ...]]:
+    """OVIS under its root: train/ (the frames' folders) and annotations_train.json, valid/
+    and annotations_valid.json (the files as OVIS distributes them)."""
+    folder = {"train": "train", "val": "valid"}[_official_split(split)]
+    return {"images": (folder,), "annotations": (f"annotations_{folder}.json",)}
+
+
+def _synthetic_video_places(split: str) -> dict[str, tuple[str, ...]]:
+    paths = synthetic_video_paths("", split)["ytvis"]
+    return {"images": (str(paths["image_dir"]),), "annotations": (str(paths["json_file"]),)}
+
+
+def _ytvis(found: dict[str, DataPath], transforms, bad_samples="stop", clip_sampler=None):
+    return YTVISDataset(
+        found["images"], found["annotations"], clip_sampler, transforms, bad_samples
+    )
+
+
 COCO_SIZES = {"train": 118287, "val": 5000}
 ADE20K_SIZES = {"train": 20210, "val": 2000}
 PANOPTIC_PIECES = ("images", "annotations", "masks")
@@ -306,6 +336,10 @@ DATASET_LAYOUTS = {
         _cityscapes_category_semantic,
         {"train": 2975, "val": 500},
     ),
+    # Videos (model.name videomt, task vis): clips for training, whole videos for evaluation.
+    "ytvis": Layout(INSTANCE_PIECES, _ytvis_places, _ytvis, {"train": 2238}, video=True),
+    "ovis": Layout(INSTANCE_PIECES, _ovis_places, _ytvis, {"train": 607}, video=True),
+    "synthetic_video_vis": Layout(INSTANCE_PIECES, _synthetic_video_places, _ytvis, video=True),
     # Your own label PNGs: every piece comes from the config.
     "semantic": Layout(
         (*SEMANTIC_PIECES, "classes"), None, _own_semantic, options=("label_offset",)
