@@ -81,27 +81,34 @@ def _merged(segments: list, keys: tuple[str, ...], where: str) -> dict:
 
 
 def read_frame(
-    gt_png: Path, gt_segments: list, pred_png: Path, pred_segments: list, categories: dict, where
+    gt_png: Path,
+    gt_segments: list,
+    pred_png: Path,
+    pred_segments: list,
+    categories: dict,
+    where: tuple[str, str],
 ) -> Frame:
     """One frame's pair counts and segments, checked as the script checks them (every
-    predicted id in the PNG listed in the JSON and vice versa, known categories)."""
+    predicted id in the PNG listed in the JSON and vice versa, known categories). `where`:
+    the frame in the ground truth's and in the predictions' error messages."""
+    gt_where, where = where
     gt_map, pred_map = read_panoptic_png(gt_png), read_panoptic_png(pred_png)
     if gt_map.shape != pred_map.shape:
         raise ValueError(f"{where}: {pred_png} has size {pred_map.shape}, {gt_png} {gt_map.shape}")
     gt_ids, pred_ids, counts = _pair_counts(gt_map, pred_map)
     pairs = gt_ids << ID_BITS | pred_ids
 
-    gt = _merged(gt_segments, ("category_id", "iscrowd", "area"), f"{where}: ground truth")
+    gt = _merged(gt_segments, ("category_id", "iscrowd", "area"), f"{gt_where}: ground truth")
     for segment_id, (category, _, area) in gt.items():
         if category not in categories:
             raise ValueError(
-                f"{where}: ground-truth segment {segment_id} has unknown category_id {category}"
+                f"{gt_where}: ground-truth segment {segment_id} has unknown category_id {category}"
             )
         if area is None:  # no area in the JSON: the pixels
             gt[segment_id][2] = int(counts[gt_ids == segment_id].sum())
         elif isinstance(area, bool) or not isinstance(area, (int, float)):
             raise ValueError(
-                f"{where}: ground-truth segment {segment_id} area {area!r} is no number"
+                f"{gt_where}: ground-truth segment {segment_id} area {area!r} is no number"
             )
 
     pred = _merged(pred_segments, ("category_id",), f"{where}: prediction")
@@ -355,7 +362,10 @@ def vpq(categories: dict, videos: list, windows=WINDOW_FRAMES, gt_json="", pred_
     for video_id, files in videos:
         frames = []
         for index, (gt_png, gt_segments, pred_png, pred_segments) in enumerate(files):
-            where = f"{pred_json}: video {video_id} frame {index}"
+            where = (
+                f"{gt_json}: video {video_id} frame {index}",
+                f"{pred_json}: video {video_id} frame {index}",
+            )
             frames.append(
                 read_frame(gt_png, gt_segments, pred_png, pred_segments, categories, where)
             )
