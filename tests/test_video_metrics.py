@@ -378,3 +378,5 @@ def test_vss_tool_json_and_errors(tmp_path, capsys):
         evaluate.main(["vss", *args, "--split", str(tmp_path / "val.txt")])
     with pytest.raises(FileNotFoundError, match="split file not found: .*test.txt"):
         evaluate.main(["vss", *args, "--split", str(tmp_path / "test.txt")])
+    with pytest.raises(ValueError, match="--num-classes must be at least 1, not 0"):
+        evaluate.main(["vss", *args, "--num-classes", "0"])

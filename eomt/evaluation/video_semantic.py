@@ -165,6 +165,8 @@ def evaluate_files(
     """mIoU, fwIoU, mACC, pACC, VC8, VC16 (percent) of predictions in pred_dir/VIDEO/*.png
     against VSPW ground truth gt_dir/data/VIDEO/mask/*.png, videos from the split file
     (gt_dir/val.txt by default)."""
+    if num_classes < 1:
+        raise ValueError(f"--num-classes must be at least 1, not {num_classes}")
     gt_root, pred_root = require_dir(gt_dir), require_dir(pred_dir)
     videos = read_split(split if split is not None else gt_root / "val.txt")
     if not videos:
