@@ -21,8 +21,9 @@ file-name order.
   frames has none. A window whose ground truth changes everywhere is NaN and left out; VC_n is
   the mean over all windows of all videos, not per video.
 - VC16 is the number the script prints for 16, which is not reset between its two window
-  sizes: the mean over the 8-frame windows and the 16-frame windows together (the numbers of
-  DVIS++ and VidEoMT papers). `VC16_alone` is the mean over the 16-frame windows alone.
+  sizes: the mean over the 8-frame windows and the 16-frame windows together (what the
+  evaluation instructions of DVIS++ and VidEoMT give). `VC16_alone` is the mean over the
+  16-frame windows alone.
 
 The numbers are those of the scripts to the last bit: the same integer confusion matrix and
 window counts, reduced by the same numpy operations in the same order.
