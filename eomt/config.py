@@ -18,7 +18,7 @@ FREE_FORM_KEYS = {"model.backbone_kwargs"}
 # Values a key may take, beyond its type: the choices of a string (or of each item of a list),
 # and the least value of a number (or of each item of a list of numbers).
 CHOICES = {
-    "task": ("panoptic", "semantic", "instance", "vis"),
+    "task": ("panoptic", "semantic", "instance", "vis", "vps", "vss"),
     "model.name": ("eomt", "m2f", "pmt", "dense", "videomt"),
     "dense.head": ("linear", "mlp", "unet", "dpt"),
     "model.masked_attn": ("anneal", "always", "never"),
@@ -28,7 +28,7 @@ CHOICES = {
     "solver.amp": ("bf16", "fp16", "none"),
     "solver.lr_schedule": ("poly", "cosine"),
     "solver.nonfinite_loss": ("stop", "skip"),
-    "test.metrics": ("panoptic", "semantic", "instance", "vis"),
+    "test.metrics": ("panoptic", "semantic", "instance", "vis", "vps", "vss"),
     "loss.video_matching": ("first_frame", "clip"),
 }
 MINIMUM = {

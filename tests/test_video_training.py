@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from eomt.evaluation.video_instance import VideoInstanceEvaluator
-from eomt.evaluation.video_postprocess import video_instance_inference
+from eomt.evaluation.video_panoptic import VideoPanopticEvaluator
+from eomt.evaluation.video_postprocess import (
+    video_instance_inference,
+    video_panoptic_inference,
+    video_semantic_inference,
+)
+from eomt.evaluation.video_semantic import VideoSemanticEvaluator
 from eomt.modeling import VidEoMT, build_vit
 from eomt.modeling.criterion import HungarianMatcher, MaskClassificationLoss, count_masks
 
@@ -253,17 +259,109 @@ def test_vis_evaluator_penalises_an_identity_switch():
     assert [r["category_id"] for r in results] == [7, 7] and len(results[0]["segmentations"]) == 4
 
 
-def test_trainer_trains_and_evaluates_on_synthetic_videos(tmp_path):
+def halves(frames=2, size=4):
+    """Per frame a left half, a top-right and a bottom-right quarter: (3, T, size, size)."""
+    masks = torch.zeros(3, frames, size, size, dtype=torch.bool)
+    masks[0, :, :, : size // 2] = True
+    masks[1, :, : size // 2, size // 2 :] = True
+    masks[2, :, size // 2 :, size // 2 :] = True
+    return masks
+
+
+def test_vps_postprocessing_by_hand():
+    """Query 0 a thing on the left, queries 1 and 2 the same stuff class on the two right
+    quarters (one segment id), query 3 unsure of its class (dropped)."""
+    regions = halves()
+    mask_logits = logits_of(torch.cat([regions, regions[:1]]).transpose(0, 1))  # (T, 4, 4, 4)
+    class_logits = class_logits_for([0, 1, 1, None], frames=2)
+    class_logits[:, 3] = 0.0  # a third each: below the 0.8 threshold
+    result = video_panoptic_inference(mask_logits, class_logits, [True, False])
+    segments, info = result["segments"], result["segments_info"]
+    assert segments.shape == (2, 4, 4) and segments.dtype == torch.int32
+    assert [(s["id"], s["label"], s["isthing"], s["query"]) for s in info] == [
+        (1, 0, True, 0),
+        (2, 1, False, 1),
+    ]
+    assert segments[:, :, :2].eq(1).all() and segments[:, :, 2:].eq(2).all()
+    # A query mostly hidden by a more confident one is dropped (overlap threshold).
+    covered = mask_logits.clone()
+    covered[:, 1] = logits_of(regions[1] | regions[2]).transpose(0, 1)[:, 0]  # right half
+    class_logits[:, 1] = torch.tensor([-BIG, 2.0, 0.0])  # p 0.88: query 2 takes the bottom
+    dropped = video_panoptic_inference(covered, class_logits, [True, False])
+    assert [s["query"] for s in dropped["segments_info"]] == [0, 2]
+
+
+def test_vps_evaluator_scores_a_perfect_video_and_penalises_a_switch():
+    categories = [{"id": 5, "name": "car", "isthing": 1}, {"id": 9, "name": "road", "isthing": 0}]
+    regions = halves(frames=8)  # the longest window of VPQ
+    gt = {
+        "masks": torch.stack([regions[0], regions[1] | regions[2]]),
+        "labels": torch.tensor([0, 1]),
+    }
+    segments = torch.where(regions[0], 1, 2).to(torch.int32)
+    info = [{"id": 1, "label": 0}, {"id": 2, "label": 1}]
+
+    def vpq(segments, info):
+        evaluator = VideoPanopticEvaluator(categories)
+        evaluator.process(0, gt, {"segments": segments, "segments_info": info})
+        return evaluator.evaluate()
+
+    assert vpq(segments, info)["VPQ"] == pytest.approx(100.0)
+    switched = segments.clone()
+    switched[7][switched[7] == 1] = 3  # the car gets another id in the last frame
+    result = vpq(switched, info + [{"id": 3, "label": 0}])
+    assert result["windows"]["0"]["Things"]["PQ"] == pytest.approx(100.0)  # frame by frame
+    assert result["VPQ_thing"] < 100.0 and result["VPQ_stuff"] == pytest.approx(100.0)
+
+
+def test_vss_postprocessing_and_evaluator_by_hand():
+    regions = halves()
+    # Query 0 class 0 on the left; query 1 class 1 on the right; query 2 class 1 nowhere.
+    mask_logits = logits_of(
+        torch.stack([regions[0], regions[1] | regions[2], regions[0] & False], 1)
+    )
+    class_logits = class_logits_for([0, 1, 1], frames=2)
+    classes = video_semantic_inference(mask_logits, class_logits)
+    assert classes.shape == (2, 4, 4)
+    assert classes[:, :, :2].eq(0).all() and classes[:, :, 2:].eq(1).all()
+    categories = [{"id": 0, "name": "a", "isthing": 0}, {"id": 1, "name": "b", "isthing": 0}]
+    evaluator = VideoSemanticEvaluator(categories)
+    gt = {
+        "masks": torch.stack([regions[0], regions[1] | regions[2]]),
+        "labels": torch.tensor([0, 1]),
+    }
+    evaluator.process(0, gt, classes)
+    assert evaluator.evaluate()["mIoU"] == pytest.approx(100.0)
+    wrong = VideoSemanticEvaluator(categories)
+    wrong.process(0, gt, torch.zeros_like(classes))
+    assert wrong.evaluate()["mIoU"] == pytest.approx(25.0)  # class 0: IoU 1/2, class 1: 0
+
+
+@pytest.mark.parametrize(
+    "task, dataset, keys",
+    [
+        ("vis", "synthetic_video_vis", {"AP", "AR10", "per_class"}),
+        ("vps", "synthetic_video_vps", {"VPQ", "VPQ_thing", "VPQ_stuff"}),
+        ("vss", "synthetic_video_vss", {"mIoU", "VC8", "VC16"}),
+    ],
+)
+def test_trainer_trains_and_evaluates_on_synthetic_videos(tmp_path_factory, task, dataset, keys):
     from eomt.config import get_cfg
     from eomt.data import generate_synthetic_videos
     from eomt.engine.trainer import Trainer
 
-    generate_synthetic_videos(tmp_path / "data", num_train=2, num_val=1, seed=0)
+    data = tmp_path_factory.getbasetemp() / "synthetic_videos"
+    generate_synthetic_videos(data, num_train=2, num_val=1, seed=0)  # once: then a no-op
+    out = tmp_path_factory.mktemp(task)
     cfg = get_cfg(
         "configs/synthetic/videomt_tiny.yaml",
         [
-            f"dataset.root={tmp_path / 'data'}",
-            f"output_dir={tmp_path / 'out'}",
+            f"task={task}",
+            f"test.metrics=[{task}]",
+            f"dataset.name={dataset}",
+            "model.num_classes=0",
+            f"dataset.root={data}",
+            f"output_dir={out}",
             "model.backbone_kwargs={depth: 3, embed_dim: 32, num_heads: 2}",
             "input.image_size=[32,32]",
             "input.num_frames=2",
@@ -276,8 +374,18 @@ def test_trainer_trains_and_evaluates_on_synthetic_videos(tmp_path):
         ],
     )
     results = Trainer(cfg).train()
-    assert set(results["vis"]) >= {"AP", "AR10", "per_class"}
-    written = json.loads((tmp_path / "out" / "vis_results.json").read_text())
-    assert written and {"video_id", "category_id", "score", "segmentations"} <= set(written[0])
-    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").open()]
-    assert "loss_mask_0" in records[0] and "vis/AP" in records[-1]
+    assert set(results[task]) >= keys
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert "loss_mask_0" in records[0] and f"{task}/{sorted(keys)[0]}" in records[-1]
+    if task == "vis":
+        written = json.loads((out / "vis_results.json").read_text())
+        assert written and {"video_id", "category_id", "score", "segmentations"} <= set(written[0])
+
+
+def test_an_image_model_with_a_video_task_is_refused():
+    from eomt.config import ConfigError, get_cfg
+    from eomt.engine.trainer import check_video_task
+
+    cfg = get_cfg("configs/synthetic/videomt_tiny.yaml", ["model.name=eomt"])
+    with pytest.raises(ConfigError, match="video task"):
+        check_video_task(cfg)

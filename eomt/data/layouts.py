@@ -28,6 +28,8 @@ from eomt.data.images import IMAGE_SUFFIXES
 from eomt.data.semantic import SemanticDataset
 from eomt.data.synthetic import SYNTHETIC_CATEGORIES, synthetic_split_paths
 from eomt.data.synthetic_video import synthetic_video_paths
+from eomt.data.vipseg import VIPSegDataset
+from eomt.data.vspw import VSPWDataset
 from eomt.data.ytvis import YTVISDataset
 
 SPLITS = ("train", "val")
@@ -291,15 +293,64 @@ def _ovis_places(split: str) -> dict[str, tuple[str, ...]]:
     return {"images": (folder,), "annotations": (f"annotations_{folder}.json",)}
 
 
-def _synthetic_video_places(split: str) -> dict[str, tuple[str, ...]]:
-    paths = synthetic_video_paths("", split)["ytvis"]
-    return {"images": (str(paths["image_dir"]),), "annotations": (str(paths["json_file"]),)}
+def _vipseg_places(split: str) -> dict[str, tuple[str, ...]]:
+    """VIPSeg at 720p under its root (the authors' VIPSeg_720P/): images/, panomasksRGB/ and
+    panoptic_gt_VIPSeg_{train,val}.json (datasets/utils/vipseg_change2_720p.py makes them)."""
+    split = _official_split(split)
+    return {
+        "images": ("images",),
+        "annotations": (f"panoptic_gt_VIPSeg_{split}.json",),
+        "masks": ("panomasksRGB",),
+    }
+
+
+def _vspw_places(split: str) -> dict[str, tuple[str, ...]]:
+    """VSPW at 480p under its root (VSPW_480p/): data/ (each video's origin/ and mask/) and
+    the split's video list, {train,val}.txt (its "annotations")."""
+    return {"images": ("data",), "annotations": (f"{_official_split(split)}.txt",)}
+
+
+def _synthetic_video_places(kind: str) -> Callable[[str], dict[str, tuple[str, ...]]]:
+    def places(split: str) -> dict[str, tuple[str, ...]]:
+        paths = synthetic_video_paths("", split)
+        if kind == "vis":
+            return {
+                "images": (str(paths["ytvis"]["image_dir"]),),
+                "annotations": (str(paths["ytvis"]["json_file"]),),
+            }
+        if kind == "vps":
+            return {
+                "images": (str(paths["vipseg"]["image_dir"]),),
+                "annotations": (str(paths["vipseg"]["json_file"]),),
+                "masks": (str(paths["vipseg"]["png_dir"]),),
+            }
+        return {
+            "images": (str(paths["vspw"]["data_dir"]),),
+            "annotations": (str(paths["vspw"]["split_file"]),),
+        }
+
+    return places
 
 
 def _ytvis(found: dict[str, DataPath], transforms, bad_samples="stop", clip_sampler=None):
     return YTVISDataset(
         found["images"], found["annotations"], clip_sampler, transforms, bad_samples
     )
+
+
+def _vipseg(found: dict[str, DataPath], transforms, bad_samples="stop", clip_sampler=None):
+    return VIPSegDataset(
+        found["images"], found["annotations"], found["masks"], clip_sampler, transforms, bad_samples
+    )
+
+
+def _vspw(categories=None):
+    def read(found: dict[str, DataPath], transforms, bad_samples="stop", clip_sampler=None):
+        return VSPWDataset(
+            found["images"], found["annotations"], categories, clip_sampler, transforms, bad_samples
+        )
+
+    return read
 
 
 COCO_SIZES = {"train": 118287, "val": 5000}
@@ -339,7 +390,20 @@ DATASET_LAYOUTS = {
     # Videos (model.name videomt, task vis): clips for training, whole videos for evaluation.
     "ytvis": Layout(INSTANCE_PIECES, _ytvis_places, _ytvis, {"train": 2238}, video=True),
     "ovis": Layout(INSTANCE_PIECES, _ovis_places, _ytvis, {"train": 607}, video=True),
-    "synthetic_video_vis": Layout(INSTANCE_PIECES, _synthetic_video_places, _ytvis, video=True),
+    "vipseg": Layout(PANOPTIC_PIECES, _vipseg_places, _vipseg, {"train": 2806}, video=True),
+    "vspw": Layout(INSTANCE_PIECES, _vspw_places, _vspw(), {"train": 2806}, video=True),
+    "synthetic_video_vis": Layout(
+        INSTANCE_PIECES, _synthetic_video_places("vis"), _ytvis, video=True
+    ),
+    "synthetic_video_vps": Layout(
+        PANOPTIC_PIECES, _synthetic_video_places("vps"), _vipseg, video=True
+    ),
+    "synthetic_video_vss": Layout(
+        INSTANCE_PIECES,
+        _synthetic_video_places("vss"),
+        _vspw(SYNTHETIC_CATEGORIES),
+        video=True,
+    ),
     # Your own label PNGs: every piece comes from the config.
     "semantic": Layout(
         (*SEMANTIC_PIECES, "classes"), None, _own_semantic, options=("label_offset",)

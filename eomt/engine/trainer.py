@@ -86,7 +86,7 @@ def check_video_task(cfg) -> None:
         raise ConfigError(
             f"task {cfg.task} is a {'video' if video_task else 'image'} task but model.name "
             f"{cfg.model.name} is {'a video' if video_model else 'an image'} model "
-            "(video tasks: vis, with model.name videomt)"
+            "(video tasks: vis, vps, vss, with model.name videomt)"
         )
 
 

@@ -446,3 +446,79 @@ class VideoPanopticFiles:
     def score_files(self, args) -> tuple[dict, str]:
         summary = evaluate_files(args.gt_json, args.gt_dir, args.pred_json, args.pred_dir)
         return summary, format_table(summary)
+
+
+def _numpy(value) -> np.ndarray:
+    return value.cpu().numpy() if hasattr(value, "cpu") else np.asarray(value)
+
+
+class VideoPanopticEvaluator:
+    """VPQ of videos evaluated in memory (the training-time evaluation of task vps), with the
+    rules of `vpq`: each video's frames become `Frame`s (ground-truth segment n is track n + 1,
+    its area its pixels in the frame) and every window's statistics are added up as the video
+    comes; only those are kept."""
+
+    def __init__(self, categories: list[dict], windows=WINDOW_FRAMES):
+        self.categories = categories
+        self.by_id = {c["id"]: c for c in categories}
+        self.windows = tuple(windows)
+        self.reset()
+
+    def reset(self) -> None:
+        self.totals = {window: Stats() for window in self.windows}
+
+    def process(self, video_id, gt: dict, pred: dict) -> None:
+        """gt: masks (N, T, H, W), labels (N,) contiguous, optional is_crowd (N,); pred:
+        segments (T, H, W) ids, segments_info [{id, label}] (`video_panoptic_inference`)."""
+        masks = _numpy(gt["masks"]).astype(bool)
+        labels = _numpy(gt["labels"]).astype(np.int64)
+        crowd = gt.get("is_crowd")
+        crowd = np.zeros(len(masks), bool) if crowd is None else _numpy(crowd).astype(bool)
+        segments = _numpy(pred["segments"]).astype(np.int64)
+        if masks.ndim != 4 or segments.shape != masks.shape[1:]:
+            raise ValueError(
+                f"video {video_id}: predicted segments {segments.shape} and ground-truth "
+                f"masks {masks.shape} must be (T, H, W) and (N, T, H, W)"
+            )
+        ids = [c["id"] for c in self.categories]
+        pred_category = {s["id"]: ids[s["label"]] for s in pred["segments_info"]}
+        frames = []
+        for t in range(segments.shape[0]):
+            gt_map = np.zeros(segments.shape[1:], np.int64)
+            gt_segments = {}
+            for n in range(len(masks)):
+                area = int(masks[n, t].sum())
+                if area:
+                    gt_map[masks[n, t]] = n + 1
+                    gt_segments[n + 1] = [ids[labels[n]], int(crowd[n]), area]
+            gt_ids, pred_ids, counts = _pair_counts(gt_map, segments[t])
+            present = np.unique(segments[t])
+            pixels = np.bincount(segments[t].ravel())
+            pred_segments = {
+                int(i): [pred_category[int(i)], int(pixels[i])] for i in present if i != 0
+            }
+            frames.append(Frame(gt_ids << ID_BITS | pred_ids, counts, gt_segments, pred_segments))
+        for window in self.windows:
+            self.totals[window] += video_stats(frames, window, f"video {video_id}")
+
+    def evaluate(self) -> dict:
+        """VPQ, VPQ_thing, VPQ_stuff (percent) and per window size All / Things / Stuff PQ."""
+        from eomt.distributed import gather_objects
+
+        totals = {window: Stats() for window in self.windows}
+        for share in gather_objects(self.totals):
+            for window in self.windows:
+                totals[window] += share[window]
+        per_window = {}
+        for window in self.windows:
+            groups = pq_average(totals[window], self.by_id)["groups"]
+            per_window[str(FRAME_STEP * (window - 1))] = {
+                name: {key: 100 * value if key != "N" else value for key, value in row.items()}
+                for name, row in groups.items()
+            }
+        summary: dict = {}
+        for name, key in (("All", "VPQ"), ("Things", "VPQ_thing"), ("Stuff", "VPQ_stuff")):
+            values = [per_window[k][name]["PQ"] for k in per_window]
+            summary[key] = sum(values) / len(values)
+        summary["windows"] = per_window
+        return summary

@@ -227,3 +227,45 @@ class VideoSemanticFiles:
     def score_files(self, args) -> tuple[dict, str]:
         summary = evaluate_files(args.gt_dir, args.pred_dir, args.split, args.num_classes)
         return summary, format_table(summary)
+
+
+class VideoSemanticEvaluator:
+    """mIoU and video consistency of videos evaluated in memory (the training-time evaluation
+    of task vss), with `VideoSemanticStats`: the ground truth of a frame is its tracks' labels
+    + 1, 0 (ignored) where no track is."""
+
+    def __init__(self, categories: list[dict], clip_frames=CLIP_FRAMES):
+        self.categories = categories
+        self.clip_frames = clip_frames
+        self.reset()
+
+    def reset(self) -> None:
+        self.stats = VideoSemanticStats(len(self.categories), self.clip_frames)
+
+    def process(self, video_id, gt: dict, pred) -> None:
+        """gt: masks (N, T, H, W), labels (N,) contiguous; pred: classes (T, H, W)."""
+        masks = (
+            gt["masks"].cpu().numpy().astype(bool) if hasattr(gt["masks"], "cpu") else gt["masks"]
+        )
+        labels = np.asarray(gt["labels"].cpu() if hasattr(gt["labels"], "cpu") else gt["labels"])
+        pred = pred.cpu().numpy() if hasattr(pred, "cpu") else np.asarray(pred)
+
+        def frames():
+            for t in range(pred.shape[0]):
+                truth = np.zeros(pred.shape[1:], np.int64)
+                for mask, label in zip(masks[:, t], labels):
+                    truth[mask] = label + 1
+                yield truth, pred[t], f"frame {t}"
+
+        self.stats.add_video(frames(), pred.shape[0], f"video {video_id}")
+
+    def evaluate(self) -> dict:
+        from eomt.distributed import gather_objects
+
+        shares = gather_objects(self.stats)
+        total = VideoSemanticStats(len(self.categories), self.clip_frames)
+        for share in shares:
+            total.confusion += share.confusion
+            for n in self.clip_frames:
+                total.consistency[n] += share.consistency[n]
+        return total.compute()
