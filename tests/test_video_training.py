@@ -238,6 +238,9 @@ def test_vis_postprocessing_by_hand():
         restore=lambda m: m.repeat_interleave(2, -1).repeat_interleave(2, -2),
     )
     assert upsized["masks"].shape == (1, 2, 4, 4) and upsized["masks"][0, 0, :2, :2].all()
+    # A panoptic dataset's instances are of its thing classes only.
+    things = video_instance_inference(mask_logits, class_logits, topk=2, thing_classes=[0])
+    assert things["labels"].tolist() == [0, 0] and things["queries"].tolist() == [0, 2]
 
 
 def test_vis_evaluator_penalises_an_identity_switch():

@@ -322,7 +322,10 @@ class VideoInstanceEvaluator:
             )
         crowd = gt.get("is_crowd")
         crowd = np.zeros(len(gt_masks), bool) if crowd is None else _numpy(crowd).astype(bool)
-        present = gt_masks.reshape(len(gt_masks), -1).any(1)
+        gt_labels = _numpy(gt["labels"]).astype(np.int64)
+        # Non-empty tracks of thing classes (a panoptic dataset's stuff is no instance).
+        things = [i for i, c in enumerate(self.categories) if c.get("isthing", 1)]
+        present = gt_masks.reshape(len(gt_masks), -1).any(1) & np.isin(gt_labels, things)
         self.videos.append(
             {
                 "id": int(video_id),
@@ -330,7 +333,7 @@ class VideoInstanceEvaluator:
                 "width": int(width),
                 "frames": int(frames),
                 "gt": _frame_rles(gt_masks[present], keep_empty=False),
-                "gt_labels": _numpy(gt["labels"]).astype(np.int64)[present].tolist(),
+                "gt_labels": gt_labels[present].tolist(),
                 "gt_crowd": crowd[present].tolist(),
                 "pred": _frame_rles(pred_masks, keep_empty=True),
                 "pred_scores": _numpy(pred["scores"]).astype(np.float64).tolist(),
@@ -372,7 +375,7 @@ class VideoInstanceEvaluator:
         """The 12 numbers (AP, AP50, ..., AR10, ...) and per-class AP, in percent."""
         videos = self._merged = self.merged()
         ids = [category["id"] for category in self.categories]
-        categories = {category["id"]: category for category in self.categories}
+        categories = {c["id"]: c for c in self.categories if c.get("isthing", 1)}
         gts, dts = [], []
         for video in videos:
             for frames, label, crowd in zip(video["gt"], video["gt_labels"], video["gt_crowd"]):

@@ -33,18 +33,24 @@ def video_instance_inference(
     class_logits: Tensor,
     topk: int,
     restore: Callable[[Tensor], Tensor] | None = None,
+    thing_classes: list[int] | None = None,
 ) -> dict[str, Tensor]:
     """A video's instances from its per-frame mask logits (T, K, h, w) and class logits
     (T, K, C+1): {"masks" (M, T, H, W) bool, "scores" (M,), "labels" (M,) contiguous,
     "queries" (M,) the query of each}, M = min(topk, K * C), best score first.
 
     `restore` maps one frame's mask logits of the chosen queries (M, h, w) to the video's size
-    (M, H, W) before thresholding (default: they are already at that size)."""
+    (M, H, W) before thresholding (default: they are already at that size). `thing_classes`:
+    the classes instances may have (a panoptic dataset's things), default all."""
     scores = video_class_scores(class_logits)
+    classes = torch.arange(scores.shape[1], device=scores.device)
+    if thing_classes is not None:
+        classes = classes.new_tensor(thing_classes)
+        scores = scores[:, classes]
     num_classes = scores.shape[1]
     top_scores, flat = scores.flatten().topk(min(topk, scores.numel()))
     queries = flat // num_classes
-    labels = flat % num_classes
+    labels = classes[flat % num_classes]
     chosen = queries.to(mask_logits.device)
     frames = [
         (restore(frame[chosen].float()) if restore is not None else frame[chosen].float()) > 0

@@ -1,6 +1,9 @@
 """Video instance segmentation (YouTube-VIS, OVIS): a video's instances, each one query of
 VidEoMT followed over all its frames, scored by YouTube-VIS AP / AR.
 
+A dataset with stuff classes (a video panoptic one) is scored on its things only, as the
+instance task does on images.
+
 Results are {masks (M, T, H, W) bool, scores (M,), labels (M,), queries (M,)}
 (`eomt.evaluation.video_postprocess.video_instance_inference`), written as one YouTube-VIS
 results file (vis_results.json) that `tools/evaluate.py vis` scores against the dataset's JSON.
@@ -26,7 +29,14 @@ class VideoInstanceTask(VideoTask):
     def postprocess_video(self, mask_logits, class_logits, restore, categories, test_cfg):
         from eomt.evaluation.video_postprocess import video_instance_inference
 
-        return video_instance_inference(mask_logits, class_logits, test_cfg.topk, restore)
+        things = [i for i, c in enumerate(categories) if c["isthing"]]
+        return video_instance_inference(
+            mask_logits,
+            class_logits,
+            test_cfg.topk,
+            restore,
+            thing_classes=None if len(things) == len(categories) else things,
+        )
 
     def public(self, result, categories):
         ids = result["labels"].new_tensor([c["id"] for c in categories])
