@@ -392,3 +392,32 @@ def test_an_image_model_with_a_video_task_is_refused():
     cfg = get_cfg("configs/synthetic/videomt_tiny.yaml", ["model.name=eomt"])
     with pytest.raises(ConfigError, match="video task"):
         check_video_task(cfg)
+    cfg = get_cfg("configs/synthetic/videomt_tiny.yaml", ["test.metrics=[vps,panoptic]"])
+    with pytest.raises(ConfigError, match="image metrics"):
+        check_video_task(cfg)
+
+
+@pytest.mark.parametrize(
+    "name, task, classes, blocks, size, iterations, topk",
+    [
+        ("ytvis19/videomt_small_640", "vis", 40, 3, 640, 40000, 10),
+        ("ytvis19/videomt_base_640", "vis", 40, 3, 640, 40000, 10),
+        ("ytvis19/videomt_large_640", "vis", 40, 4, 640, 60000, 10),
+        ("ytvis21/videomt_large_640", "vis", 40, 4, 640, 160000, 10),
+        ("ovis/videomt_large_640", "vis", 25, 4, 640, 160000, 20),
+        ("vipseg/videomt_large_1280", "vps", 124, 4, 1280, 40000, 100),
+        ("vspw/videomt_large_1280", "vss", 124, 4, 1280, 40000, 100),
+    ],
+)
+def test_the_authors_recipe(name, task, classes, blocks, size, iterations, topk):
+    from eomt.config import get_cfg
+
+    cfg = get_cfg(f"configs/{name}.yaml")
+    m, s, i = cfg.model, cfg.solver, cfg.input
+    assert (cfg.task, m.name, m.masked_attn, m.num_classes) == (task, "videomt", "never", classes)
+    assert (m.num_queries, m.num_query_blocks, m.patch_size) == (200, blocks, 16)
+    assert m.weights.startswith("checkpoints/videomt/dinov2_segmenter/")
+    assert (i.num_frames, i.frame_range, list(i.image_size)) == (5, 2, [size, size])
+    assert (s.batch_size, s.lr, s.weight_decay, s.llrd, s.poly_power) == (8, 1e-4, 0.05, 0.6, 0.9)
+    assert (list(s.warmup_iters), s.clip_grad_norm, s.max_iter) == ([500, 1000], 0.01, iterations)
+    assert cfg.loss.video_matching == "first_frame" and cfg.test.topk == topk

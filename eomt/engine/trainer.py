@@ -88,6 +88,12 @@ def check_video_task(cfg) -> None:
             f"{cfg.model.name} is {'a video' if video_model else 'an image'} model "
             "(video tasks: vis, vps, vss, with model.name videomt)"
         )
+    mixed = [name for name in cfg.test.metrics if get_task(name).video != video_task]
+    if mixed:
+        raise ConfigError(
+            f"test.metrics {mixed}: {'image' if video_task else 'video'} metrics for the "
+            f"{'video' if video_task else 'image'} task {cfg.task}"
+        )
 
 
 def check_same_classes(train_set, test_set) -> None:

@@ -328,7 +328,7 @@ class VideoInstanceEvaluator:
         present = gt_masks.reshape(len(gt_masks), -1).any(1) & np.isin(gt_labels, things)
         self.videos.append(
             {
-                "id": int(video_id),
+                "id": video_id,  # YouTube-VIS: an int; VIPSeg: a name
                 "height": int(height),
                 "width": int(width),
                 "frames": int(frames),
