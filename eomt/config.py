@@ -18,7 +18,7 @@ FREE_FORM_KEYS = {"model.backbone_kwargs"}
 # Values a key may take, beyond its type: the choices of a string (or of each item of a list),
 # and the least value of a number (or of each item of a list of numbers).
 CHOICES = {
-    "task": ("panoptic", "semantic", "instance"),
+    "task": ("panoptic", "semantic", "instance", "vis", "vps", "vss"),
     "model.name": ("eomt", "m2f", "pmt", "dense", "videomt"),
     "dense.head": ("linear", "mlp", "unet", "dpt"),
     "model.masked_attn": ("anneal", "always", "never"),
@@ -30,7 +30,8 @@ CHOICES = {
     "solver.amp": ("bf16", "fp16", "none"),
     "solver.lr_schedule": ("poly", "cosine"),
     "solver.nonfinite_loss": ("stop", "skip"),
-    "test.metrics": ("panoptic", "semantic", "instance"),
+    "test.metrics": ("panoptic", "semantic", "instance", "vis", "vps", "vss"),
+    "loss.video_matching": ("first_frame", "clip"),
 }
 MINIMUM = {
     "model.num_classes": 0,  # 0: the dataset's number of classes
@@ -47,6 +48,8 @@ MINIMUM = {
     "dense.channels": 0,
     "model.patch_size": 1,
     "input.image_size": 1,
+    "input.num_frames": 1,
+    "input.frame_range": 0,
     "dataset.label_offset": 0,
     "loss.num_points": 1,
     "solver.max_iter": 1,

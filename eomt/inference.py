@@ -95,6 +95,36 @@ def predict_logits(
 
 
 @torch.no_grad()
+def predict_video_logits(model, video: torch.Tensor, input_size, amp: str = "none"):
+    """A video model's (VidEoMT's `step`) per-frame logits of one video (T, 3, H, W), float in
+    [0, 1] or uint8, frame after frame with the queries carried over (constant memory): mask
+    logits (T, K, h, w) of the resized and padded input, on the CPU, class logits (T, K, C+1),
+    and `restore`, which maps one frame's mask logits (M, h, w) to the video's size (M, H, W)
+    as `predict_logits` does for an image."""
+    device = next(model.parameters()).device
+    size = tuple(input_size)
+    original = tuple(video.shape[-2:])
+    inner = None
+    queries = None
+    masks, classes = [], []
+    for frame in video:
+        frame = frame.to(device)
+        if frame.dtype == torch.uint8:
+            frame = frame.float() / 255
+        padded, inner = resize_and_pad(frame, size)
+        with autocast_for(device, amp):
+            prediction, queries = model.step(padded[None], queries)
+        masks.append(prediction["mask_logits"][0].float().cpu())
+        classes.append(prediction["class_logits"][0].float())
+    mask_logits, class_logits = torch.stack(masks), torch.stack(classes)
+
+    def restore(frame_logits: torch.Tensor) -> torch.Tensor:
+        return restore_logits(frame_logits, inner, size, original)
+
+    return mask_logits, class_logits, restore
+
+
+@torch.no_grad()
 def predict_semantic_windows(
     model, images: list[torch.Tensor], window: int, amp: str = "none", every_depth: bool = False
 ):

@@ -7,6 +7,9 @@
     python tools/evaluate.py instance --gt-json instances_val2017.json \
         --pred-json segm_results.json [--json]
     python tools/evaluate.py vis --gt-json valid.json --pred-json results.json [--json]
+    python tools/evaluate.py vps --gt-json panoptic_gt_VIPSeg_val.json --gt-dir panomasksRGB \
+        --pred-json inference/pred.json --pred-dir inference/pan_pred [--json]
+    python tools/evaluate.py vss --gt-dir VSPW_480p --pred-dir inference [--split val.txt] [--json]
 
 panoptic: COCO panoptic format on both sides (segment-id PNGs and a JSON); the rules and the
 numbers of the COCO panoptic API's pq_compute. As there, every ground-truth image needs a
@@ -21,6 +24,16 @@ a detection's area (which sorts it into small / medium / large) is its mask's.
 vis: YouTube-VIS ground truth (videos, per-frame polygons or RLE, null where absent) and results
 (video_id, category_id, per-frame RLE or null, score): AP / AR with ytvis_api's definitions
 (spatio-temporal mask IoU, mean areas over the frames, see eomt/evaluation/video_instance.py).
+vps: VIPSeg ground truth (a JSON of videos, per-frame segments_info and categories, and
+GT_DIR/VIDEO/FRAME.png) and the predictions VidEoMT's vps_eval writes (pred.json and
+pan_pred/VIDEO/FRAME.png, frames in the ground truth's order): VPQ with the definitions of the
+VIPSeg eval_vpq script, the PQ of windows of 1, 2, 4, 6, 8 frames taken as one image, averaged
+(see eomt/evaluation/video_panoptic.py).
+vss: VSPW ground truth (GT_DIR/data/VIDEO/mask/*.png, value v class v - 1) and predicted class
+PNGs (PRED_DIR/VIDEO/*.png) of the videos of the split file: mIoU, fwIoU, mACC, pACC and the
+video consistency VC8, VC16 with the definitions of the VSPW scripts (VC16 as they print it,
+pooled with the 8-frame windows; VC16_alone without them; see
+eomt/evaluation/video_semantic.py).
 
 Predictions are matched to the ground truth by image id: tools/predict.py writes its ids with
 --coco-json GT_JSON (without, its ids are file stems, which match no ground-truth id).
@@ -36,10 +49,17 @@ import json
 from eomt.cli import ToolParser, run_tool
 from eomt.evaluation.files import json_ready
 from eomt.evaluation.video_instance import VideoInstanceFiles
+from eomt.evaluation.video_panoptic import VideoPanopticFiles
+from eomt.evaluation.video_semantic import VideoSemanticFiles
 from eomt.tasks import TASKS
 
 # What scores files: the tasks, and the video evaluations, which have no image task behind them.
-SCORERS = {**TASKS, "vis": VideoInstanceFiles()}
+SCORERS = {
+    **TASKS,
+    "vis": VideoInstanceFiles(),
+    "vps": VideoPanopticFiles(),
+    "vss": VideoSemanticFiles(),
+}
 
 
 def parse_args(argv=None):

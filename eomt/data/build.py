@@ -28,6 +28,7 @@ from eomt.data.bad_samples import (
 from eomt.data.files import DataPath, resolve_path
 from eomt.data.layouts import DATASET_LAYOUTS, check_dataset
 from eomt.data.transforms import TrainTransforms
+from eomt.data.video import ClipSampler, ClipTransforms
 
 
 def build_dataset(cfg, train: bool) -> Dataset:
@@ -39,16 +40,22 @@ def build_dataset(cfg, train: bool) -> Dataset:
         raise ValueError(f"dataset.name '{d.name}' is not one of {sorted(DATASET_LAYOUTS)}")
     layout = DATASET_LAYOUTS[d.name]
     transforms = None
+    options = layout_options(cfg)
     if train:
-        transforms = TrainTransforms(
+        # A clip takes one draw of the image augmentation for all its frames.
+        augment = ClipTransforms if layout.video else TrainTransforms
+        transforms = augment(
             crop_size=tuple(cfg.input.image_size),
             scale_range=tuple(cfg.input.scale_range),
             color_jitter=cfg.input.color_jitter,
         )
+    if layout.video:  # training: clips of input.num_frames; evaluation: whole videos
+        i = cfg.input
+        options["clip_sampler"] = ClipSampler(i.num_frames, i.frame_range) if train else None
     split = d.train_split if train else d.test_split
     given = own_files(cfg, train)
     policy = check_policy(d.bad_samples)
-    return layout(Path(d.root), split, transforms, policy, given, **layout_options(cfg))
+    return layout(Path(d.root), split, transforms, policy, given, **options)
 
 
 def layout_options(cfg) -> dict:

@@ -42,6 +42,63 @@ def rle_runs(counts: str) -> list[int]:
     return runs
 
 
+def decode_segmentation(
+    segmentation, height: int, width: int, where: str, path=None
+) -> np.ndarray | None:
+    """The bool mask (H, W) of a COCO segmentation: polygons, or an RLE with compressed
+    (string) or uncompressed (list) counts. None if its polygons are all degenerate (fewer than
+    3 points). A malformed segmentation or an RLE of another size raises BadSampleError whose
+    message starts with `where`; `path` is the file at fault."""
+    if isinstance(segmentation, list):
+        polygons = []
+        for polygon in segmentation:
+            if (
+                not isinstance(polygon, list)
+                or len(polygon) % 2
+                or not all(isinstance(v, (int, float)) for v in polygon)
+            ):
+                raise BadSampleError(
+                    f"{where}: a polygon must be a list of x, y numbers, got {polygon!r:.80}",
+                    path,
+                )
+            if len(polygon) >= 6:
+                polygons.append([float(v) for v in polygon])
+        if not polygons:
+            return None
+        rle = mask_util.merge(mask_util.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation, dict) and {"counts", "size"} <= segmentation.keys():
+        if list(segmentation["size"]) != [height, width]:
+            raise BadSampleError(
+                f"{where}: RLE size {list(segmentation['size'])} differs from the image size "
+                f"[{height}, {width}] in the JSON",
+                path,
+            )
+        counts = segmentation["counts"]
+        try:
+            runs = rle_runs(counts) if isinstance(counts, str) else [int(c) for c in counts]
+        except (TypeError, ValueError) as error:
+            raise BadSampleError(f"{where}: malformed RLE counts ({error})", path) from error
+        if min(runs, default=0) < 0 or sum(runs) != height * width:
+            raise BadSampleError(
+                f"{where}: RLE runs cover {sum(runs)} pixels, not the image's "
+                f"{height} x {width} = {height * width}",
+                path,
+            )
+        rle = segmentation
+        if not isinstance(counts, str):  # uncompressed RLE
+            rle = mask_util.frPyObjects(segmentation, height, width)
+    else:
+        raise BadSampleError(
+            f"{where}: segmentation must be polygons or an RLE with counts and size, got "
+            f"{segmentation!r:.80}",
+            path,
+        )
+    try:
+        return mask_util.decode(rle).astype(bool)
+    except Exception as error:  # a malformed RLE string
+        raise BadSampleError(f"{where}: cannot decode its RLE ({error})", path) from error
+
+
 class COCOInstanceDataset(Dataset):
     """COCO instance format: one mask per annotation, crowd annotations flagged in `is_crowd`.
 
@@ -156,56 +213,4 @@ class COCOInstanceDataset(Dataset):
     def _mask(self, annotation: dict, height: int, width: int) -> np.ndarray | None:
         """The bool mask (H, W) of an annotation; None if its polygons are all degenerate."""
         where = f"{self.json_file}: annotation {annotation['id']} of image {annotation['image_id']}"
-        segmentation = annotation["segmentation"]
-        if isinstance(segmentation, list):
-            polygons = []
-            for polygon in segmentation:
-                if (
-                    not isinstance(polygon, list)
-                    or len(polygon) % 2
-                    or not all(isinstance(v, (int, float)) for v in polygon)
-                ):
-                    raise BadSampleError(
-                        f"{where}: a polygon must be a list of x, y numbers, got {polygon!r:.80}",
-                        self.json_file,
-                    )
-                if len(polygon) >= 6:
-                    polygons.append([float(v) for v in polygon])
-            if not polygons:
-                return None
-            rle = mask_util.merge(mask_util.frPyObjects(polygons, height, width))
-        elif isinstance(segmentation, dict) and {"counts", "size"} <= segmentation.keys():
-            if list(segmentation["size"]) != [height, width]:
-                raise BadSampleError(
-                    f"{where}: RLE size {list(segmentation['size'])} differs from the image size "
-                    f"[{height}, {width}] in the JSON",
-                    self.json_file,
-                )
-            counts = segmentation["counts"]
-            try:
-                runs = rle_runs(counts) if isinstance(counts, str) else [int(c) for c in counts]
-            except (TypeError, ValueError) as error:
-                raise BadSampleError(
-                    f"{where}: malformed RLE counts ({error})", self.json_file
-                ) from error
-            if min(runs, default=0) < 0 or sum(runs) != height * width:
-                raise BadSampleError(
-                    f"{where}: RLE runs cover {sum(runs)} pixels, not the image's "
-                    f"{height} x {width} = {height * width}",
-                    self.json_file,
-                )
-            rle = segmentation
-            if not isinstance(counts, str):  # uncompressed RLE
-                rle = mask_util.frPyObjects(segmentation, height, width)
-        else:
-            raise BadSampleError(
-                f"{where}: segmentation must be polygons or an RLE with counts and size, got "
-                f"{segmentation!r:.80}",
-                self.json_file,
-            )
-        try:
-            return mask_util.decode(rle).astype(bool)
-        except Exception as error:  # a malformed RLE string
-            raise BadSampleError(
-                f"{where}: cannot decode its RLE ({error})", self.json_file
-            ) from error
+        return decode_segmentation(annotation["segmentation"], height, width, where, self.json_file)

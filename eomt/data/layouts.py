@@ -27,6 +27,10 @@ from eomt.data.files import DataPath, find_first
 from eomt.data.images import IMAGE_SUFFIXES
 from eomt.data.semantic import SemanticDataset
 from eomt.data.synthetic import SYNTHETIC_CATEGORIES, synthetic_split_paths
+from eomt.data.synthetic_video import synthetic_video_paths
+from eomt.data.vipseg import VIPSegDataset
+from eomt.data.vspw import VSPWDataset
+from eomt.data.ytvis import YTVISDataset
 
 SPLITS = ("train", "val")
 COCO_PANOPTIC_ZIP = "panoptic_annotations_trainval2017.zip"
@@ -45,7 +49,9 @@ class Layout:
     wins}; None for a format without a place of its own (every piece is given). build({piece:
     DataPath}, transforms, bad_samples="stop", **options) -> the dataset (bad_samples: the
     policy of eomt.data.bad_samples; options: the cfg.dataset keys named in `options`).
-    full_sizes: images per official split."""
+    full_sizes: images per official split. video: the reader's items are clips / videos
+    (build also takes `clip_sampler`, a `ClipSampler` for training clips, None for whole
+    videos)."""
 
     pieces: tuple[str, ...]
     places: Callable[[str], dict[str, tuple[str, ...]]] | None
@@ -53,6 +59,7 @@ class Layout:
     full_sizes: dict[str, int] = field(default_factory=dict)
     hint: str = ""
     options: tuple[str, ...] = ()
+    video: bool = False
 
     def locate(
         self, root: str | Path, split: str, given: dict[str, DataPath] | None = None
@@ -272,6 +279,80 @@ def read_class_list(path: DataPath) -> list[dict]:
     ]
 
 
+def _ytvis_places(split: str) -> dict[str, tuple[str, ...]]:
+    """YouTube-VIS 2019 / 2021 under their root (the authors' ytvis_20xx/): train/JPEGImages
+    and train.json, valid/JPEGImages and valid.json (val: the official "valid" split)."""
+    folder = {"train": "train", "val": "valid"}[_official_split(split)]
+    return {"images": (f"{folder}/JPEGImages",), "annotations": (f"{folder}.json",)}
+
+
+def _ovis_places(split: str) -> dict[str, tuple[str, ...]]:
+    """OVIS under its root: train/ (the frames' folders) and annotations_train.json, valid/
+    and annotations_valid.json (the files as OVIS distributes them)."""
+    folder = {"train": "train", "val": "valid"}[_official_split(split)]
+    return {"images": (folder,), "annotations": (f"annotations_{folder}.json",)}
+
+
+def _vipseg_places(split: str) -> dict[str, tuple[str, ...]]:
+    """VIPSeg at 720p under its root (the authors' VIPSeg_720P/): images/, panomasksRGB/ and
+    panoptic_gt_VIPSeg_{train,val}.json (datasets/utils/vipseg_change2_720p.py makes them)."""
+    split = _official_split(split)
+    return {
+        "images": ("images",),
+        "annotations": (f"panoptic_gt_VIPSeg_{split}.json",),
+        "masks": ("panomasksRGB",),
+    }
+
+
+def _vspw_places(split: str) -> dict[str, tuple[str, ...]]:
+    """VSPW at 480p under its root (VSPW_480p/): data/ (each video's origin/ and mask/) and
+    the split's video list, {train,val}.txt (its "annotations")."""
+    return {"images": ("data",), "annotations": (f"{_official_split(split)}.txt",)}
+
+
+def _synthetic_video_places(kind: str) -> Callable[[str], dict[str, tuple[str, ...]]]:
+    def places(split: str) -> dict[str, tuple[str, ...]]:
+        paths = synthetic_video_paths("", split)
+        if kind == "vis":
+            return {
+                "images": (str(paths["ytvis"]["image_dir"]),),
+                "annotations": (str(paths["ytvis"]["json_file"]),),
+            }
+        if kind == "vps":
+            return {
+                "images": (str(paths["vipseg"]["image_dir"]),),
+                "annotations": (str(paths["vipseg"]["json_file"]),),
+                "masks": (str(paths["vipseg"]["png_dir"]),),
+            }
+        return {
+            "images": (str(paths["vspw"]["data_dir"]),),
+            "annotations": (str(paths["vspw"]["split_file"]),),
+        }
+
+    return places
+
+
+def _ytvis(found: dict[str, DataPath], transforms, bad_samples="stop", clip_sampler=None):
+    return YTVISDataset(
+        found["images"], found["annotations"], clip_sampler, transforms, bad_samples
+    )
+
+
+def _vipseg(found: dict[str, DataPath], transforms, bad_samples="stop", clip_sampler=None):
+    return VIPSegDataset(
+        found["images"], found["annotations"], found["masks"], clip_sampler, transforms, bad_samples
+    )
+
+
+def _vspw(categories=None):
+    def read(found: dict[str, DataPath], transforms, bad_samples="stop", clip_sampler=None):
+        return VSPWDataset(
+            found["images"], found["annotations"], categories, clip_sampler, transforms, bad_samples
+        )
+
+    return read
+
+
 COCO_SIZES = {"train": 118287, "val": 5000}
 ADE20K_SIZES = {"train": 20210, "val": 2000}
 PANOPTIC_PIECES = ("images", "annotations", "masks")
@@ -305,6 +386,23 @@ DATASET_LAYOUTS = {
         _cityscapes_places,
         _cityscapes_category_semantic,
         {"train": 2975, "val": 500},
+    ),
+    # Videos (model.name videomt, task vis): clips for training, whole videos for evaluation.
+    "ytvis": Layout(INSTANCE_PIECES, _ytvis_places, _ytvis, {"train": 2238}, video=True),
+    "ovis": Layout(INSTANCE_PIECES, _ovis_places, _ytvis, {"train": 607}, video=True),
+    "vipseg": Layout(PANOPTIC_PIECES, _vipseg_places, _vipseg, {"train": 2806}, video=True),
+    "vspw": Layout(INSTANCE_PIECES, _vspw_places, _vspw(), {"train": 2806}, video=True),
+    "synthetic_video_vis": Layout(
+        INSTANCE_PIECES, _synthetic_video_places("vis"), _ytvis, video=True
+    ),
+    "synthetic_video_vps": Layout(
+        PANOPTIC_PIECES, _synthetic_video_places("vps"), _vipseg, video=True
+    ),
+    "synthetic_video_vss": Layout(
+        INSTANCE_PIECES,
+        _synthetic_video_places("vss"),
+        _vspw(SYNTHETIC_CATEGORIES),
+        video=True,
     ),
     # Your own label PNGs: every piece comes from the config.
     "semantic": Layout(

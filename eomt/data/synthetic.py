@@ -302,28 +302,40 @@ def _random_shape_mask(rng: np.random.Generator, width: int, height: int):
     radius = 0.5 * math.exp(rng.uniform(math.log(MIN_THING_SIZE), math.log(max_size)))
     center = np.array([rng.uniform(0, width), rng.uniform(0, height)])
     rotation = rng.uniform(0, 2 * math.pi)
-    name = category["name"]
+    outline = shape_outline(rng, category["name"], radius)
+    return category["id"], polygon_mask(place_outline(outline, center, rotation), width, height)
+
+
+def shape_outline(rng: np.random.Generator, name: str, radius: float) -> np.ndarray:
+    """The vertices (2, K) of a thing class's shape around the origin, of about `radius`."""
     if name == "disc":
         angles = np.linspace(0, 2 * math.pi, 48, endpoint=False)
         radii = np.stack([np.full(48, radius), np.full(48, radius * rng.uniform(0.6, 1.0))])
-        outline = np.stack([np.cos(angles), np.sin(angles)]) * radii
-    elif name == "rectangle":
+        return np.stack([np.cos(angles), np.sin(angles)]) * radii
+    if name == "rectangle":
         half_width, half_height = radius, radius * rng.uniform(0.45, 1.0)
-        outline = np.array([[-1, 1, 1, -1], [-1, -1, 1, 1]]) * [[half_width], [half_height]]
-    elif name == "triangle":
+        return np.array([[-1, 1, 1, -1], [-1, -1, 1, 1]]) * [[half_width], [half_height]]
+    if name == "triangle":
         angles = math.pi / 2 + np.array([0, 2, 4]) * math.pi / 3 + rng.uniform(-0.25, 0.25, 3)
         radii = radius * rng.uniform(0.85, 1.0, 3)
-        outline = np.stack([np.cos(angles), np.sin(angles)]) * radii
-    else:  # five-pointed star: alternating outer and inner vertices
-        angles = np.arange(10) * math.pi / 5
-        radii = np.where(np.arange(10) % 2 == 0, radius, radius * rng.uniform(0.38, 0.5))
-        outline = np.stack([np.cos(angles), np.sin(angles)]) * radii
-    cos, sin = math.cos(rotation), math.sin(rotation)
-    points = np.array([[cos, -sin], [sin, cos]]) @ outline + center[:, None]
+        return np.stack([np.cos(angles), np.sin(angles)]) * radii
+    # five-pointed star: alternating outer and inner vertices
+    angles = np.arange(10) * math.pi / 5
+    radii = np.where(np.arange(10) % 2 == 0, radius, radius * rng.uniform(0.38, 0.5))
+    return np.stack([np.cos(angles), np.sin(angles)]) * radii
 
+
+def place_outline(outline: np.ndarray, center, rotation: float, scale: float = 1.0) -> np.ndarray:
+    """The outline's vertices rotated by `rotation` (radians), scaled, moved to `center`."""
+    cos, sin = math.cos(rotation), math.sin(rotation)
+    return scale * (np.array([[cos, -sin], [sin, cos]]) @ outline) + np.asarray(center)[:, None]
+
+
+def polygon_mask(points: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The bool mask (H, W) of the polygon with vertices `points` (2, K), clipped to the image."""
     canvas = Image.new("1", (width, height), 0)
     ImageDraw.Draw(canvas).polygon([(float(x), float(y)) for x, y in points.T], fill=1)
-    return category["id"], np.asarray(canvas, dtype=bool)
+    return np.asarray(canvas, dtype=bool)
 
 
 def _paint_order(shapes: list[tuple[int, np.ndarray]], height: int, width: int) -> np.ndarray:

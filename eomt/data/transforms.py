@@ -74,7 +74,22 @@ class TrainTransforms:
         return out_image, out_target
 
     def _augment_once(self, image: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
-        image, masks = self._flip(tv_tensors.Image(image), tv_tensors.Mask(target["masks"]))
+        image, masks = self.augment_geometry(image, target["masks"])
+        keep = masks.flatten(1).any(dim=1) & ~target["is_crowd"]
+        new_target = {
+            **target,
+            "masks": masks[keep],
+            "labels": target["labels"][keep],
+            "is_crowd": target["is_crowd"][keep],
+        }
+        return image, new_target
+
+    def augment_geometry(
+        self, image: torch.Tensor, masks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draw of flip, scale, colour jitter, pad and crop, applied alike to a float image
+        (3, H, W) or to several at once (..., 3, H, W), and to masks (M, H, W)."""
+        image, masks = self._flip(tv_tensors.Image(image), tv_tensors.Mask(masks))
 
         height, width = image.shape[-2:]
         crop_height, crop_width = self.crop_size
@@ -90,15 +105,7 @@ class TrainTransforms:
         image, masks = F.pad(image, padding, fill=0), F.pad(masks, padding, fill=0)
         image, masks = self._crop(image, masks)
 
-        masks = masks.as_subclass(torch.Tensor)
-        keep = masks.flatten(1).any(dim=1) & ~target["is_crowd"]
-        new_target = {
-            **target,
-            "masks": masks[keep],
-            "labels": target["labels"][keep],
-            "is_crowd": target["is_crowd"][keep],
-        }
-        return image.as_subclass(torch.Tensor), new_target
+        return image.as_subclass(torch.Tensor), masks.as_subclass(torch.Tensor)
 
 
 def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[list[torch.Tensor], list[dict]]:

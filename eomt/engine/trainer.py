@@ -1,6 +1,10 @@
 """The training loop: one optimizer step per iteration, on a global batch of `solver.batch_size`
 images made of `batch_size_per_device` images per process and gradient accumulation.
 
+A video model (VidEoMT) trains on clips the same way: a batch item is a clip (T, 3, H, W) and
+its target holds tracks (masks (N, T, H, W)); the criterion tells them apart by shape, and the
+evaluation by the task (`Task.video`: an evaluation item is a whole video).
+
 A step gives the same update whichever way its batch is split into processes and accumulation
 steps: every micro-batch draws its random numbers (point sampling, masked-attention dropping)
 from a seed of its own place in the data stream, and the mask losses of all micro-batches are
@@ -41,7 +45,8 @@ from eomt.engine.solver import build_lr_scheduler, build_optimizer
 from eomt.inference import amp_on, autocast_for
 from eomt.modeling import build_backbone, build_criterion, build_model, count_trainable
 from eomt.modeling.batch_norm import sync_batch_norms
-from eomt.tasks import summary_line
+from eomt.modeling.criterion import count_masks
+from eomt.tasks import get_task, summary_line
 from eomt.tasks.evaluate import evaluate
 from eomt.weights import (
     describe_mismatch,
@@ -70,6 +75,24 @@ def fit_num_classes(cfg, dataset) -> None:
             f"model.num_classes={cfg.model.num_classes} does not fit the dataset: "
             f"{dataset.categories_source} has {count} classes (set model.num_classes={count}, "
             "or 0 for the dataset's)"
+        )
+
+
+def check_video_task(cfg) -> None:
+    """A video model (model.name videomt) with a video task (vis), an image model with an
+    image task: the loop feeds what the task's items are."""
+    video_model, video_task = cfg.model.name == "videomt", get_task(cfg.task).video
+    if video_model != video_task:
+        raise ConfigError(
+            f"task {cfg.task} is a {'video' if video_task else 'image'} task but model.name "
+            f"{cfg.model.name} is {'a video' if video_model else 'an image'} model "
+            "(video tasks: vis, vps, vss, with model.name videomt)"
+        )
+    mixed = [name for name in cfg.test.metrics if get_task(name).video != video_task]
+    if mixed:
+        raise ConfigError(
+            f"test.metrics {mixed}: {'image' if video_task else 'video'} metrics for the "
+            f"{'video' if video_task else 'image'} task {cfg.task}"
         )
 
 
@@ -115,6 +138,7 @@ class Trainer:
         # a model that cannot be scored on it stops here, not after training.
         self.test_set = build_dataset(cfg, train=False)
         fit_num_classes(cfg, self.test_set)
+        check_video_task(cfg)
         torch.manual_seed(cfg.seed)
         weights = cfg.model.weights
         from_file = weights not in ("", RANDOM_WEIGHTS)
@@ -446,7 +470,11 @@ class Trainer:
             # samplers lay them out in the data stream.
             slot = (self.iteration * accumulation + micro) * world + rank
             torch.manual_seed(self.cfg.seed * 2**32 + slot)
+            # Images (B, 3, H, W), or clips (B, T, 3, H, W) for a video model; uint8 (video
+            # frames) as floats in [0, 1], as images come.
             images = torch.stack(images).to(self.device, non_blocking=True)
+            if images.dtype == torch.uint8:
+                images = images.float() / 255
             targets = [
                 {"masks": t["masks"].to(self.device), "labels": t["labels"].to(self.device)}
                 for t in targets
@@ -476,7 +504,7 @@ class Trainer:
         """Target masks per micro-batch of this step, over all processes (at least 1): the
         normaliser of every micro-batch's mask losses, as one batch of the whole step would
         have (Mask2Former normalises by the mean over processes)."""
-        count = sum(t["labels"].numel() for _, targets in batches for t in targets)
+        count = sum(count_masks(t) for _, targets in batches for t in targets)
         return max(dist.sum_over_processes(count, self.device) / micro_batches, 1.0)
 
     def _nonfinite_loss(self, totals: dict) -> None:

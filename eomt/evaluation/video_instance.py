@@ -262,3 +262,151 @@ class VideoInstanceFiles:
     def score_files(self, args) -> tuple[dict, str]:
         summary, coco_summary = evaluate_files(args.gt_json, args.pred_json)
         return summary, format_table(summary, coco_summary)
+
+
+def _frame_rles(masks, keep_empty: bool) -> list[list]:
+    """Per track of (N, T, H, W) boolean masks, per frame its compressed RLE (counts as str),
+    or None for an empty frame unless `keep_empty` (predictions keep every frame, as the
+    authors' results files do)."""
+    from pycocotools import mask as mask_util
+
+    masks = np.asarray(masks, dtype=bool)
+    tracks = []
+    for track in masks:
+        frames = []
+        for frame in track:
+            if not keep_empty and not frame.any():
+                frames.append(None)
+                continue
+            rle = mask_util.encode(np.asfortranarray(frame.astype(np.uint8)))
+            frames.append({"size": rle["size"], "counts": rle["counts"].decode("ascii")})
+        tracks.append(frames)
+    return tracks
+
+
+def _rle_areas(frames: list) -> list:
+    from pycocotools import mask as mask_util
+
+    return [int(mask_util.area(rle)) if rle else None for rle in frames]
+
+
+class VideoInstanceEvaluator:
+    """YouTube-VIS AP / AR of videos evaluated in memory (`video_ap`), in percent; the
+    predictions also as a YouTube-VIS results file (`results`, for `tools/evaluate.py vis`).
+
+    Each video is kept as RLEs per frame: ground-truth tracks (None where a track is absent)
+    and predicted tracks (every frame)."""
+
+    def __init__(self, categories: list[dict]):
+        self.categories = categories
+        self.reset()
+
+    def reset(self) -> None:
+        self.videos: list[dict] = []
+        self._merged: list[dict] | None = None  # every process's videos, after `evaluate`
+
+    def process(self, video_id: int, gt: dict, pred: dict) -> None:
+        """Add one video: ``gt`` masks (N, T, H, W), labels (N,) contiguous, optional
+        is_crowd (N,); ``pred`` masks (M, T, H, W) bool, scores (M,), labels (M,)."""
+        gt_masks = np.asarray(_numpy(gt["masks"]), dtype=bool)
+        pred_masks = np.asarray(_numpy(pred["masks"]), dtype=bool)
+        if gt_masks.ndim != 4:
+            raise ValueError(
+                f"video {video_id}: gt masks must be (N, T, H, W), got {gt_masks.shape}"
+            )
+        frames, height, width = gt_masks.shape[1:]
+        if len(pred_masks) and pred_masks.shape[1:] != (frames, height, width):
+            raise ValueError(
+                f"video {video_id}: pred masks {pred_masks.shape} do not match the ground "
+                f"truth's (T, H, W) = {(frames, height, width)}"
+            )
+        crowd = gt.get("is_crowd")
+        crowd = np.zeros(len(gt_masks), bool) if crowd is None else _numpy(crowd).astype(bool)
+        gt_labels = _numpy(gt["labels"]).astype(np.int64)
+        # Non-empty tracks of thing classes (a panoptic dataset's stuff is no instance).
+        things = [i for i, c in enumerate(self.categories) if c.get("isthing", 1)]
+        present = gt_masks.reshape(len(gt_masks), -1).any(1) & np.isin(gt_labels, things)
+        self.videos.append(
+            {
+                "id": video_id,  # YouTube-VIS: an int; VIPSeg: a name
+                "height": int(height),
+                "width": int(width),
+                "frames": int(frames),
+                "gt": _frame_rles(gt_masks[present], keep_empty=False),
+                "gt_labels": gt_labels[present].tolist(),
+                "gt_crowd": crowd[present].tolist(),
+                "pred": _frame_rles(pred_masks, keep_empty=True),
+                "pred_scores": _numpy(pred["scores"]).astype(np.float64).tolist(),
+                "pred_labels": _numpy(pred["labels"]).astype(np.int64).tolist(),
+            }
+        )
+
+    def state(self) -> list[dict]:
+        return self.videos
+
+    def merged(self) -> list[dict]:
+        from eomt.distributed import gather_objects
+
+        videos = [video for share in gather_objects(self.videos) for video in share]
+        ids = [video["id"] for video in videos]
+        if len(set(ids)) != len(ids):
+            raise ValueError("VideoInstanceEvaluator: the same video_id was processed twice")
+        return videos
+
+    def results(self) -> list[dict]:
+        """The predictions in the YouTube-VIS results format (dataset category ids): of every
+        process after `evaluate`, else of this one."""
+        videos = self.videos if self._merged is None else self._merged
+        ids = [category["id"] for category in self.categories]
+        return [
+            {
+                "video_id": video["id"],
+                "category_id": ids[label],
+                "score": float(f"{score:.9g}"),
+                "segmentations": frames,
+            }
+            for video in videos
+            for frames, score, label in zip(
+                video["pred"], video["pred_scores"], video["pred_labels"]
+            )
+        ]
+
+    def evaluate(self) -> dict:
+        """The 12 numbers (AP, AP50, ..., AR10, ...) and per-class AP, in percent."""
+        videos = self._merged = self.merged()
+        ids = [category["id"] for category in self.categories]
+        categories = {c["id"]: c for c in self.categories if c.get("isthing", 1)}
+        gts, dts = [], []
+        for video in videos:
+            for frames, label, crowd in zip(video["gt"], video["gt_labels"], video["gt_crowd"]):
+                gts.append(
+                    {
+                        "id": len(gts) + 1,
+                        "video_id": video["id"],
+                        "category_id": ids[label],
+                        "tracks": frames,
+                        "area": _mean_area(_rle_areas(frames)),
+                        "iscrowd": int(crowd),
+                    }
+                )
+            for frames, score, label in zip(
+                video["pred"], video["pred_scores"], video["pred_labels"]
+            ):
+                dts.append(
+                    {
+                        "id": len(dts) + 1,
+                        "video_id": video["id"],
+                        "category_id": ids[label],
+                        "tracks": frames,
+                        "area": _mean_area(_rle_areas(frames)),
+                        "iscrowd": 0,
+                        "score": score,
+                    }
+                )
+        shape = {video["id"]: video for video in videos}
+        results, _ = video_ap(shape, categories, gts, dts)
+        return results
+
+
+def _numpy(value) -> np.ndarray:
+    return value.cpu().numpy() if hasattr(value, "cpu") else np.asarray(value)

@@ -173,6 +173,7 @@ def build_criterion(cfg) -> nn.Module:
         num_points=loss.num_points,
         oversample_ratio=loss.oversample_ratio,
         importance_sample_ratio=loss.importance_sample_ratio,
+        video_matching=loss.video_matching,
     )
 
 

@@ -3,6 +3,16 @@
 Mask terms are evaluated on sampled points instead of full masks: the matcher uses uniform random
 points shared by every prediction and target of an image, the loss uses points concentrated where
 each matched prediction is least certain. Everything is computed in float32.
+
+Video (VidEoMT): predictions (B, T, K, h, w) and (B, T, K, C+1) per clip, targets of tracks,
+masks (N, T, H, W). A query is matched to a track once for the whole clip, then every frame is
+supervised as an image of its own (the track's mask in that frame, empty where it is absent,
+and its class in every frame), as the authors' online model is trained. How the match is made
+is `video_matching`: "first_frame" (the authors' VideoHungarianMatcher_Consistent, which their
+online model uses: each track is matched on the frame where it first appears, tracks first
+appearing later only to queries not yet taken) or "clip" (their VideoHungarianMatcher: one
+cost over all frames, the same points in every frame, class probabilities averaged over them).
+Tracks without a pixel in the clip are left out, as their prepare_targets does.
 """
 
 import torch
@@ -131,6 +141,106 @@ class HungarianMatcher(nn.Module):
             )
         return indices
 
+    @torch.no_grad()
+    def match_clips(
+        self, mask_logits: Tensor, class_logits: Tensor, targets: list[dict], mode: str
+    ) -> list[tuple[Tensor, Tensor]]:
+        """Match mask_logits (B, T, K, h, w) and class_logits (B, T, K, C+1) to tracks (per
+        clip `masks` (N, T, H, W), `labels` (N,), each present in some frame), one match per
+        clip for all its frames (see the module docstring for `mode`)."""
+        if mode not in VIDEO_MATCHING:
+            raise ValueError(f"video matching must be one of {VIDEO_MATCHING}, got {mode!r}")
+        indices = []
+        for clip_masks, clip_classes, target in zip(mask_logits, class_logits, targets):
+            query_idx, target_idx = [], []
+            if target["labels"].numel() > 0:
+                match = self._match_clip if mode == "clip" else self._match_first_frames
+                query_idx, target_idx = match(clip_masks, clip_classes, target)
+            indices.append(
+                (
+                    torch.as_tensor(query_idx, dtype=torch.int64),
+                    torch.as_tensor(target_idx, dtype=torch.int64),
+                )
+            )
+        return indices
+
+    def clip_cost_matrix(
+        self,
+        mask_logits: Tensor,
+        class_logits: Tensor,
+        target_masks: Tensor,
+        target_labels: Tensor,
+        points: Tensor,
+    ) -> Tensor:
+        """Cost (K, N) of one clip: mask_logits (T, K, h, w), class_logits (T, K, C+1),
+        target_masks (N, T, H, W), target_labels (N,), points (P, 2) used in every frame:
+        BCE and dice over all T x P points, class probabilities averaged over frames."""
+        frames, queries = mask_logits.shape[:2]
+        num_points = points.shape[0]
+        # (T, K, h, w) -> (K, T * P): a query's points over the clip, frame after frame.
+        point_logits = point_sample(mask_logits.float().transpose(0, 1).flatten(0, 1), points)
+        point_logits = point_logits.view(queries, frames * num_points)
+        point_targets = point_sample(target_masks.float().flatten(0, 1), points)
+        point_targets = point_targets.view(target_masks.shape[0], frames * num_points)
+        class_cost = -class_logits.float().softmax(-1).mean(0)[:, target_labels]
+        return (
+            self.class_weight * class_cost
+            + self.mask_weight * sigmoid_bce_cost(point_logits, point_targets)
+            + self.dice_weight * dice_cost(point_logits, point_targets)
+        )
+
+    def _match_clip(self, mask_logits: Tensor, class_logits: Tensor, target: dict):
+        """One assignment from the cost over the whole clip (`clip_cost_matrix`)."""
+        points = torch.rand(self.num_points, 2, device=mask_logits.device)
+        cost = self.clip_cost_matrix(
+            mask_logits, class_logits, target["masks"], target["labels"], points
+        )
+        return linear_sum_assignment(cost.cpu().numpy())
+
+    def _match_first_frames(self, mask_logits: Tensor, class_logits: Tensor, target: dict):
+        """Each track matched on the frame where it first appears, with that frame's prediction
+        alone; frames in order, each to the queries earlier frames have not taken."""
+        masks, labels = target["masks"], target["labels"]
+        present = masks.flatten(2).any(2)  # (N, T)
+        first = present.to(torch.uint8).argmax(1)  # the first frame with a pixel
+        used: list[int] = []
+        query_idx, target_idx = [], []
+        for frame in first.unique().tolist():  # sorted
+            tracks = (first == frame).nonzero().flatten()
+            points = torch.rand(self.num_points, 2, device=mask_logits.device)
+            frame_masks = masks[tracks, frame]
+            cost = self.cost_matrix(
+                mask_logits[frame], class_logits[frame], frame_masks, labels[tracks], points
+            )
+            cost[used] = TAKEN_COST
+            rows, cols = linear_sum_assignment(cost.cpu().numpy())
+            used += rows.tolist()
+            query_idx += rows.tolist()
+            target_idx += tracks.cpu()[cols].tolist()
+        return query_idx, target_idx
+
+
+# The cost of a query an earlier frame's tracks took (the authors' 1e6).
+TAKEN_COST = 1e6
+VIDEO_MATCHING = ("first_frame", "clip")
+
+
+def present_tracks(target: dict) -> dict:
+    """A clip's target without the tracks that have no pixel in any of its frames."""
+    keep = target["masks"].flatten(1).any(1)
+    if bool(keep.all()):
+        return target
+    return {**target, "masks": target["masks"][keep], "labels": target["labels"][keep]}
+
+
+def count_masks(target: dict) -> int:
+    """The masks a target adds to the loss's normaliser: an image's segments, or a clip's
+    tracks present in it times its frames (each frame of a track is one mask)."""
+    masks = target["masks"]
+    if masks.dim() == 4:
+        return int(masks.flatten(1).any(1).sum()) * masks.shape[1]
+    return target["labels"].numel()
+
 
 def class_weights(num_classes: int, no_object_weight: float) -> Tensor:
     """The cross-entropy weight of each class (num_classes + 1): 1 for the classes,
@@ -154,8 +264,14 @@ class MaskClassificationLoss(nn.Module):
         num_points: int = 12544,
         oversample_ratio: float = 3.0,
         importance_sample_ratio: float = 0.75,
+        video_matching: str = "first_frame",
     ):
         super().__init__()
+        if video_matching not in VIDEO_MATCHING:
+            raise ValueError(
+                f"video_matching must be one of {VIDEO_MATCHING}, got {video_matching!r}"
+            )
+        self.video_matching = video_matching
         self.num_classes = num_classes
         self.class_weight = class_weight
         self.mask_weight = mask_weight
@@ -172,19 +288,32 @@ class MaskClassificationLoss(nn.Module):
         """Unweighted `loss_{mask,dice,class}_{depth}` terms and their weighted total `loss`.
 
         The mask terms are sums over matched masks divided by `num_masks`, by default the
-        number of target masks (at least 1). The trainer passes the mean over all micro-batches
-        and processes of its step, so that a step does not depend on how its batch is split."""
+        number of target masks (`count_masks`, at least 1). The trainer passes the mean over
+        all micro-batches and processes of its step, so that a step does not depend on how its
+        batch is split. Clips (VidEoMT) are matched per clip, then scored frame by frame."""
         self._check_inputs(predictions, targets)
+        video = predictions[0]["mask_logits"].dim() == 5
+        if video:
+            targets = [present_tracks(target) for target in targets]
         if num_masks is None:
-            num_masks = max(float(sum(t["labels"].numel() for t in targets)), 1.0)
+            num_masks = max(float(sum(count_masks(t) for t in targets)), 1.0)
         losses = {}
         total = 0.0
         for depth, prediction in enumerate(predictions):
             mask_logits = prediction["mask_logits"].float()
             class_logits = prediction["class_logits"].float()
-            indices = self.matcher(mask_logits, class_logits, targets)
-            loss_mask, loss_dice = self.mask_losses(mask_logits, targets, indices, num_masks)
-            loss_class = self.class_loss(class_logits, targets, indices)
+            frame_targets = targets
+            if video:
+                indices = self.matcher.match_clips(
+                    mask_logits, class_logits, targets, self.video_matching
+                )
+                mask_logits, class_logits, frame_targets, indices = frames_as_images(
+                    mask_logits, class_logits, targets, indices
+                )
+            else:
+                indices = self.matcher(mask_logits, class_logits, targets)
+            loss_mask, loss_dice = self.mask_losses(mask_logits, frame_targets, indices, num_masks)
+            loss_class = self.class_loss(class_logits, frame_targets, indices)
             losses[f"loss_mask_{depth}"] = loss_mask
             losses[f"loss_dice_{depth}"] = loss_dice
             losses[f"loss_class_{depth}"] = loss_class
@@ -256,38 +385,70 @@ class MaskClassificationLoss(nn.Module):
     def _check_inputs(self, predictions: list[dict], targets: list[dict]) -> None:
         if len(predictions) == 0:
             raise ValueError("predictions: expected a non-empty list of per-depth outputs")
+        video = predictions[0]["mask_logits"].dim() == 5
         for depth, prediction in enumerate(predictions):
             mask_shape = tuple(prediction["mask_logits"].shape)
             class_shape = tuple(prediction["class_logits"].shape)
-            if len(mask_shape) != 4 or len(class_shape) != 3 or mask_shape[:2] != class_shape[:2]:
+            lead = 3 if video else 2  # (B, T, K) or (B, K)
+            if (
+                len(mask_shape) != lead + 2
+                or len(class_shape) != lead + 1
+                or mask_shape[:lead] != class_shape[:lead]
+            ):
+                expected = "(B, K, h, w) and (B, K, C+1)"
+                if video:
+                    expected = "(B, T, K, h, w) and (B, T, K, C+1)"
                 raise ValueError(
                     f"predictions[{depth}]: mask_logits {mask_shape} and class_logits "
-                    f"{class_shape} must be (B, K, h, w) and (B, K, C+1)"
+                    f"{class_shape} must be {expected}"
                 )
-            if class_shape[2] != self.num_classes + 1:
+            if class_shape[-1] != self.num_classes + 1:
                 raise ValueError(
-                    f"predictions[{depth}]['class_logits']: last dim {class_shape[2]}, expected "
+                    f"predictions[{depth}]['class_logits']: last dim {class_shape[-1]}, expected "
                     f"num_classes + 1 = {self.num_classes + 1}"
                 )
             if mask_shape[0] != len(targets):
                 raise ValueError(
                     f"predictions[{depth}]: batch size {mask_shape[0]} but {len(targets)} targets"
                 )
-        check_targets(targets, self.num_classes)
+        frames = predictions[0]["mask_logits"].shape[1] if video else None
+        check_targets(targets, self.num_classes, frames)
 
 
-def check_targets(targets: list[dict], num_classes: int) -> None:
-    """Each target's masks (N, H, W) and labels (N,) in [0, num_classes), or a ValueError
-    naming the target."""
+def check_targets(targets: list[dict], num_classes: int, frames: int | None = None) -> None:
+    """Each target's masks (N, H, W), or for clips of `frames` frames (N, frames, H, W), and
+    labels (N,) in [0, num_classes), or a ValueError naming the target."""
     for image, target in enumerate(targets):
         masks, labels = target["masks"], target["labels"]
-        if masks.dim() != 3 or labels.dim() != 1 or masks.shape[0] != labels.shape[0]:
+        dims = 3 if frames is None else 4
+        if (
+            masks.dim() != dims
+            or labels.dim() != 1
+            or masks.shape[0] != labels.shape[0]
+            or (frames is not None and masks.shape[1] != frames)
+        ):
+            shape = "(N, H, W)" if frames is None else f"(N, T={frames}, H, W)"
             raise ValueError(
                 f"targets[{image}]: masks {tuple(masks.shape)} and labels "
-                f"{tuple(labels.shape)} must be (N, H, W) and (N,)"
+                f"{tuple(labels.shape)} must be {shape} and (N,)"
             )
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(
                 f"targets[{image}]['labels']: values must lie in [0, {num_classes}), "
                 f"got min {int(labels.min())} max {int(labels.max())}"
             )
+
+
+def frames_as_images(
+    mask_logits: Tensor, class_logits: Tensor, targets: list[dict], indices: list
+) -> tuple[Tensor, Tensor, list[dict], list]:
+    """Clips as B x T images for the per-image losses: logits (B*T, K, ...), one target per
+    frame (the tracks' masks in it, all their labels) and each clip's match in each frame."""
+    frames = mask_logits.shape[1]
+    frame_targets = [
+        {"masks": target["masks"][:, frame], "labels": target["labels"]}
+        for target in targets
+        for frame in range(frames)
+    ]
+    frame_indices = [match for match in indices for _ in range(frames)]
+    return mask_logits.flatten(0, 1), class_logits.flatten(0, 1), frame_targets, frame_indices

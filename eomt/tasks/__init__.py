@@ -1,4 +1,5 @@
-"""The tasks (panoptic, semantic, instance): one module each, one registry.
+"""The tasks (panoptic, semantic, instance; vis, vps, vss on videos): one module each, one
+registry.
 
 A task (`eomt.tasks.base.Task`) owns the way from final logits to its result, how a dataset
 target becomes its ground truth, its evaluator, its result files and its headline metrics.
@@ -8,9 +9,20 @@ from eomt.tasks.base import Task
 from eomt.tasks.instance import InstanceTask
 from eomt.tasks.panoptic import PanopticTask
 from eomt.tasks.semantic import SemanticTask
+from eomt.tasks.video_instance import VideoInstanceTask
+from eomt.tasks.video_panoptic import VideoPanopticTask
+from eomt.tasks.video_semantic import VideoSemanticTask
 
 TASKS: dict[str, Task] = {
-    task.name: task for task in (PanopticTask(), SemanticTask(), InstanceTask())
+    task.name: task
+    for task in (
+        PanopticTask(),
+        SemanticTask(),
+        InstanceTask(),
+        VideoInstanceTask(),
+        VideoPanopticTask(),
+        VideoSemanticTask(),
+    )
 }
 
 

@@ -18,6 +18,7 @@ class Task(ABC):
     headline: tuple[str, ...]  # the metric keys of the one-line summary, in order
     folder: str | None = None  # where written predictions keep one PNG per image
     prediction_unit: str  # what `count_predictions` counts
+    video = False  # an item is a whole video (T, 3, H, W), its result the video's
 
     # -- logits -> results -------------------------------------------------------------------
 

@@ -67,7 +67,7 @@ def evaluate(
                 task.score(evaluators[name], result, truth, target)
                 for block, block_results in zip(block_evaluators, blocks, strict=True):
                     task.score(block[name], block_results[i][name], truth, target)
-                if vis_dir is not None and num_drawn < cfg.test.num_vis:
+                if vis_dir is not None and num_drawn < cfg.test.num_vis and not task.video:
                     picture = to_uint8(image) if picture is None else picture
                     panels = task.evaluation_picture(picture, result, truth, categories)
                     if panels is not None:
