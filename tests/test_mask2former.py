@@ -268,7 +268,7 @@ def test_build_model_dispatch_and_bad_options():
     assert m2f.decoder.query_feat.weight.shape == (5, 32)
     assert m2f.backbone is m2f.features.vit
     with pytest.raises(
-        ValueError, match="'model.name' must be one of eomt, m2f, pmt, dense; got 'detr'"
+        ValueError, match="'model.name' must be one of eomt, m2f, pmt, dense, videomt; got 'detr'"
     ):
         get_cfg(overrides=[*tiny, "model.name=detr"])
     cfg = get_cfg(overrides=tiny)
