@@ -72,21 +72,38 @@ def generate_synthetic_dataset(
 
     A marker file holding the parameters is written last, so an interrupted run is redone.
     """
+    return write_splits_once(
+        output_dir, MARKER_FILE, GENERATOR_VERSION, (num_train, num_val), seed, _write_split
+    )
+
+
+def write_splits_once(
+    output_dir: str | Path,
+    marker_name: str,
+    version: int,
+    counts: tuple[int, int],
+    seed: int,
+    write_split,
+    stale_folders: tuple[str, ...] = (),
+) -> bool:
+    """`write_split(output_dir, split, count, seed)` for the train and val splits, unless the
+    marker file says the same parameters were written (then False). The marker is written
+    last, so an interrupted run is redone; `stale_folders` of an earlier, different generation
+    are removed first, so that no stale file outlives it."""
+    num_train, num_val = counts
     if num_train < 0 or num_val < 0:
         raise ValueError(f"num_train and num_val must be >= 0, got {num_train} and {num_val}")
     output_dir = Path(output_dir)
-    params = {
-        "generator_version": GENERATOR_VERSION,
-        "num_train": num_train,
-        "num_val": num_val,
-        "seed": seed,
-    }
-    marker = output_dir / MARKER_FILE
+    params = {"generator_version": version, "num_train": num_train, "num_val": num_val}
+    params["seed"] = seed
+    marker = output_dir / marker_name
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return False
     marker.unlink(missing_ok=True)
-    for split, num_images in zip(SPLIT_NAMES, (num_train, num_val)):
-        _write_split(output_dir, split, num_images, seed)
+    for name in stale_folders:
+        shutil.rmtree(output_dir / name, ignore_errors=True)
+    for split, count in zip(SPLIT_NAMES, counts):
+        write_split(output_dir, split, count, seed)
     marker.write_text(json.dumps(params, indent=2) + "\n")
     return True
 

@@ -8,9 +8,7 @@ category id + 1). Classes are those of the image generator (`SYNTHETIC_CATEGORIE
 """
 
 import io
-import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +32,7 @@ from eomt.data.synthetic import (
     place_outline,
     polygon_mask,
     shape_outline,
+    write_splits_once,
 )
 
 # Bump whenever the generated content changes, so that stale copies are regenerated.
@@ -81,26 +80,15 @@ def generate_synthetic_videos(
 
     A marker file holding the parameters is written last, so an interrupted run is redone.
     """
-    if num_train < 0 or num_val < 0:
-        raise ValueError(f"num_train and num_val must be >= 0, got {num_train} and {num_val}")
-    output_dir = Path(output_dir)
-    params = {
-        "generator_version": GENERATOR_VERSION,
-        "num_train": num_train,
-        "num_val": num_val,
-        "seed": seed,
-    }
-    marker = output_dir / MARKER_FILE
-    if marker.is_file() and json.loads(marker.read_text()) == params:
-        return False
-    marker.unlink(missing_ok=True)
-    # Remove a previous, different generation so that no stale files outlive it.
-    for name in FORMATS:
-        shutil.rmtree(output_dir / name, ignore_errors=True)
-    for split, num_videos in zip(SPLIT_NAMES, (num_train, num_val)):
-        _write_split(output_dir, split, num_videos, seed)
-    marker.write_text(json.dumps(params, indent=2) + "\n")
-    return True
+    return write_splits_once(
+        output_dir,
+        MARKER_FILE,
+        GENERATOR_VERSION,
+        (num_train, num_val),
+        seed,
+        _write_split,
+        stale_folders=FORMATS,
+    )
 
 
 def render_video(rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray, list[dict]]:
