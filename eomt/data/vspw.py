@@ -49,7 +49,7 @@ class VSPWDataset(VideoDataset):
         self.data_dir = resolve_path(data_dir)
         self.split_file = resolve_path(split_file)
         self.categories = things_first(VSPW_CATEGORIES if categories is None else categories)
-        self.categories_source = "VSPW's 124 classes" if categories is None else "categories"
+        self.categories_source = "VSPW_CATEGORIES" if categories is None else "the given categories"
         ids = [c["id"] for c in self.categories]
         if min(ids) < 0 or max(ids) > 253 or len(set(ids)) != len(ids):
             raise ValueError(f"category ids must be distinct and in 0..253, got {sorted(ids)}")
