@@ -380,6 +380,7 @@ def test_refusals(checkpoint, tmp_path, capsys):
     [
         (["--video", "v.mp4", "--tile", "16"], "--tile: for images"),
         (["--frames", "d", "--show-queries", "2"], "--show-queries: for images"),
+        (["--video", "v.mp4", "--compile"], "--compile: for images"),
         (["--input", "d", "--video-id", "3"], "--video-id and --frame-rate are for --video"),
         (["--input", "d", "--video", "v.mp4"], "not allowed with argument"),
     ],

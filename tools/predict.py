@@ -167,6 +167,8 @@ def parse_args(argv=None):
                 ("--tile", args.tile),
                 ("--show-queries", args.show_queries),
                 ("--coco-json", args.coco_json),
+                # The stream calls the model's step, not the forward that --compile compiles.
+                ("--compile", args.compile != "none"),
             )
             if value
         ]
