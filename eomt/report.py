@@ -39,8 +39,16 @@ from omegaconf import OmegaConf
 from eomt.sweep import FINISHED, RECORD, read_json, recorded_state
 
 PAPER_RESULTS = Path(__file__).resolve().parents[1] / "configs" / "paper_results.yaml"
-# (results.json section, key, column name): the headline metrics of the three tasks.
-METRICS = (("panoptic", "PQ", "PQ"), ("semantic", "mIoU", "mIoU"), ("instance", "AP", "AP"))
+# (results.json section, key, column name): the headline metrics of the tasks; a column's name
+# is also its key in the paper's row (configs/paper_results.yaml).
+METRICS = (
+    ("panoptic", "PQ", "PQ"),
+    ("semantic", "mIoU", "mIoU"),
+    ("instance", "AP", "AP"),
+    ("vis", "AP", "AP"),
+    ("vps", "VPQ", "VPQ"),
+    ("vss", "mIoU", "mIoU"),
+)
 MANIFEST = "report.json"  # what a report wrote into its folder, and which runs it read
 # Never searched for runs: a run's own subfolders (periodic evaluations, checkpoint series,
 # task files, logs).

@@ -524,3 +524,17 @@ def test_the_loss_curve_divides_by_the_supervised_predictions():
     assert per_prediction_loss(masked) == 10.0  # three predictions: two query blocks + final
     assert per_prediction_loss({"loss": 8.0, "loss_class_0": 1.0}) == 8.0
     assert per_prediction_loss({"loss": 8.0}) == 8.0  # no per-prediction terms logged
+
+
+def test_video_runs_are_reported_beside_the_videomt_zoo(tmp_path):
+    """A VidEoMT run's headline metrics (vis AP, vps VPQ, vss mIoU) get columns, with the
+    authors' zoo values beside them."""
+    runs = tmp_path / "sweeps"
+    folder = write_run(runs, "ytvis19_large", 0.0, paper="videomt.ytvis19_large")
+    results = {"vis": {"AP": 61.5, "AR10": 70.0}, "vps": {"VPQ": 50.25}, "vss": {"mIoU": 60.0}}
+    (folder / "results.json").write_text(json.dumps(results))
+    _, rows = run_report(runs, "--output", tmp_path / "rep")
+    row = rows["s/ytvis19_large"]
+    assert (row["AP"], row["AP paper"]) == ("61.5", "68.6")
+    assert row["VPQ"] == "50.2" and row["VPQ paper"] == "-"
+    assert row["mIoU"] == "60.0"
