@@ -573,3 +573,17 @@ def test_prepare_synthetic_video_cli(tmp_path, capsys):
     module.main(module.parse_args(args))
     assert "nothing to do" in capsys.readouterr().out
     assert len(YTVISDataset(**synthetic_video_paths(tmp_path / "v", "val")["ytvis"])) == 1
+
+
+@pytest.mark.parametrize(
+    "name", ["synthetic_video_vis", "synthetic_video_vps", "synthetic_video_vss"]
+)
+def test_check_dataset_reads_video_layouts(videos_root, name):
+    """datasets/check_dataset.py's check on the video layouts: videos, frames and tracks."""
+    from eomt.data.layouts import check_dataset
+
+    lines = []
+    assert check_dataset(name, videos_root, num_samples=1, report=lines.append), lines
+    assert "  2 videos" in "\n".join(lines) and "  1 videos" in "\n".join(lines)
+    samples = [line for line in lines if line.startswith("  sample 0: video")]
+    assert len(samples) == 2 and all(" frames " in s and s.endswith(" tracks") for s in samples)
