@@ -195,6 +195,20 @@ class EoMT(MaskTransformer):
     def query_blocks(self) -> nn.ModuleList:
         return self.backbone.blocks[len(self.backbone.blocks) - self.num_query_blocks :]
 
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Images (N, 3, H, W) in [0, 1] -> prefix and patch tokens, and the rotary embedding
+        (or None)."""
+        return embed_tokens(self.backbone, (images - self.pixel_mean) / self.pixel_std)
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Images (N, 3, H, W) in [0, 1] -> the tokens after the blocks before the query
+        blocks, and the blocks' keyword arguments (the rotary embedding, if any)."""
+        x, rope = self.embed(images)
+        block_kwargs = {} if rope is None else {"rope": rope}
+        for block in self.backbone.blocks[: len(self.backbone.blocks) - self.num_query_blocks]:
+            x = block(x, **block_kwargs)
+        return x, block_kwargs
+
     def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Images (B, 3, H, W) in [0, 1] -> predictions, one per supervised depth.
 
@@ -202,10 +216,7 @@ class EoMT(MaskTransformer):
         While masked attention is active there is one before every query block, then the final
         one; otherwise only the final one is computed.
         """
-        x, rope = embed_tokens(self.backbone, (images - self.pixel_mean) / self.pixel_std)
-        if self.token_merging is not None:
-            return self.token_merging(self, x)
-        block_kwargs = {} if rope is None else {"rope": rope}
-        for block in self.backbone.blocks[: len(self.backbone.blocks) - self.num_query_blocks]:
-            x = block(x, **block_kwargs)
+        if self.token_merging is not None:  # it refuses rotary embeddings
+            return self.token_merging(self, self.embed(images)[0])
+        x, block_kwargs = self.encode(images)
         return self.decode(x, self.backbone.norm, **block_kwargs)

@@ -18,7 +18,6 @@ video.
 import torch
 from torch import nn
 
-from eomt.modeling.backbone import embed_tokens
 from eomt.modeling.eomt import EoMT
 
 
@@ -40,15 +39,6 @@ class VidEoMT(EoMT):
         super().__init__(backbone, num_classes, num_queries, num_query_blocks, masked_attn="never")
         self.norm_queries = norm_queries
         self.query_updater = nn.Linear(backbone.embed_dim, backbone.embed_dim)
-
-    def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Frames (N, 3, H, W) in [0, 1] -> tokens after the blocks before the query blocks,
-        and the blocks' keyword arguments (the rotary embedding, if any)."""
-        x, rope = embed_tokens(self.backbone, (frames - self.pixel_mean) / self.pixel_std)
-        block_kwargs = {} if rope is None else {"rope": rope}
-        for block in self.backbone.blocks[: len(self.backbone.blocks) - self.num_query_blocks]:
-            x = block(x, **block_kwargs)
-        return x, block_kwargs
 
     def initial_queries(self, batch: int) -> torch.Tensor:
         return self.queries.weight.expand(batch, -1, -1)
