@@ -74,7 +74,16 @@ def load_image(
     size: tuple[int, int] | None = None,
     annotation: str = "the annotation",
 ) -> torch.Tensor:
-    """Read an image as a float32 RGB tensor (3, H, W) in [0, 1].
+    """Read an image as a float32 RGB tensor (3, H, W) in [0, 1] (see `load_image_uint8`)."""
+    return F.to_dtype(load_image_uint8(path, size, annotation), torch.float32, scale=True)
+
+
+def load_image_uint8(
+    path: "str | Path | DataPath",
+    size: tuple[int, int] | None = None,
+    annotation: str = "the annotation",
+) -> torch.Tensor:
+    """Read an image as a uint8 RGB tensor (3, H, W).
 
     Without `size`, EXIF orientation is applied. With `size`, the (height, width) of the
     annotation drawn on this image (`annotation` names it in errors), the annotation defines the
@@ -107,4 +116,4 @@ def load_image(
                 )
             chosen = image
         pixels = rgb_pixels(chosen, str(path))
-    return F.to_dtype(F.to_image(pixels), torch.float32, scale=True)
+    return F.to_image(pixels)

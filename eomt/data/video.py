@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from eomt.data.bad_samples import BadSampleError
 from eomt.data.categories import distinct_color
 from eomt.data.files import DataPath
-from eomt.data.images import load_image
+from eomt.data.images import load_image_uint8
 from eomt.data.transforms import TrainTransforms
 
 # The authors' VidEoMT configs (configs/*/videomt/*.yaml): SAMPLING_FRAME_NUM 5,
@@ -202,17 +202,18 @@ def collate_clips(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor,
 
 
 def load_frames(
-    paths: Sequence["DataPath"], size: tuple[int, int] | None, where: str
+    paths: Sequence["DataPath"], size: tuple[int, int] | None, where: "str | Sequence[str]"
 ) -> torch.Tensor:
-    """uint8 frames (T, 3, H, W) from image files; each must be `size` (height, width), or with
-    size None the size of the first (see `load_image`). Errors name the file and `where`."""
-    frames = []
-    for path in paths:
-        image = load_image(path, size, where)
-        if size is None:
-            size = tuple(image.shape[-2:])
-        frames.append((image * 255).round_().to(torch.uint8))
-    return torch.stack(frames)
+    """uint8 frames (T, 3, H, W) from image files, each read once however often it repeats;
+    each must be `size` (height, width), or with size None the size of the first (see
+    `load_image_uint8`). Errors name the file and `where` (one for all, or one per path)."""
+    wheres = [where] * len(paths) if isinstance(where, str) else list(where)
+    read = {}
+    for path, place in zip(paths, wheres):
+        if path not in read:
+            read[path] = load_image_uint8(path, size, place)
+            size = size or tuple(read[path].shape[-2:])
+    return torch.stack([read[path] for path in paths])
 
 
 class VideoDataset(Dataset):
@@ -253,6 +254,24 @@ class VideoDataset(Dataset):
         if self.transforms is not None:
             frames, target = self.transforms(frames, target)
         return frames, target
+
+    @staticmethod
+    def read_maps(frame_indices: list[int], path_of: Callable, read: Callable) -> np.ndarray:
+        """The label maps (T, H, W) of the frames, `read(path_of(frame))` once per distinct
+        frame; BadSampleError for a map of another size than the first in the video."""
+        maps, size, first = {}, None, None
+        for frame in dict.fromkeys(frame_indices):
+            path = path_of(frame)
+            maps[frame] = read(path)
+            if size is None:
+                size, first = maps[frame].shape, path
+            elif maps[frame].shape != size:
+                raise BadSampleError(
+                    f"{path}: size {maps[frame].shape} differs from {first}'s {size} in "
+                    "the same video",
+                    path,
+                )
+        return np.stack([maps[frame] for frame in frame_indices])
 
     def _read(self, video: dict, frame_indices: list[int]) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError

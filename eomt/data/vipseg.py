@@ -9,8 +9,7 @@ import torch
 from eomt.data.bad_samples import BadSampleError, defer_or_raise
 from eomt.data.coco_panoptic import load_json, read_panoptic_png, require_keys
 from eomt.data.files import DataPath, resolve_path
-from eomt.data.images import load_image
-from eomt.data.video import ClipSampler, VideoDataset, things_first, track_target
+from eomt.data.video import ClipSampler, VideoDataset, load_frames, things_first, track_target
 
 
 class VIPSegDataset(VideoDataset):
@@ -126,25 +125,13 @@ class VIPSegDataset(VideoDataset):
 
     def _read(self, video: dict, frame_indices: list[int]) -> tuple[torch.Tensor, dict]:
         video_id = str(video["video_id"])
-        maps, size = {}, None
-        for frame in dict.fromkeys(frame_indices):
-            png_path = self.png_dir / video_id / video["png_names"][frame]
-            maps[frame] = read_panoptic_png(png_path)
-            if size is None:
-                size, first = maps[frame].shape, png_path
-            elif maps[frame].shape != size:
-                raise BadSampleError(
-                    f"{png_path}: size {maps[frame].shape} differs from {first}'s {size} "
-                    "in the same video",
-                    png_path,
-                )
-        segment_ids = np.stack([maps[frame] for frame in frame_indices])
-        frames = []
-        for frame in frame_indices:
-            path = self.image_dir / video_id / video["file_names"][frame]
-            image = load_image(path, size, str(self.png_dir / video_id / video["png_names"][frame]))
-            frames.append((image * 255).round_().to(torch.uint8))
-        frames = torch.stack(frames)
+        png_paths = [self.png_dir / video_id / name for name in video["png_names"]]
+        segment_ids = self.read_maps(frame_indices, png_paths.__getitem__, read_panoptic_png)
+        frames = load_frames(
+            [self.image_dir / video_id / video["file_names"][frame] for frame in frame_indices],
+            segment_ids.shape[1:],
+            [str(png_paths[frame]) for frame in frame_indices],
+        )
 
         training = self.clip_sampler is not None
         tracks = {}  # segment id -> (category id, crowd), in order of first listing

@@ -8,8 +8,15 @@ import torch
 
 from eomt.data.bad_samples import BadSampleError, MissingSampleFileError, defer_or_raise
 from eomt.data.files import DataPath, resolve_path
-from eomt.data.images import IMAGE_SUFFIXES, load_image, open_image_file
-from eomt.data.video import VSPW_CATEGORIES, ClipSampler, VideoDataset, things_first, track_target
+from eomt.data.images import IMAGE_SUFFIXES, open_image_file
+from eomt.data.video import (
+    VSPW_CATEGORIES,
+    ClipSampler,
+    VideoDataset,
+    load_frames,
+    things_first,
+    track_target,
+)
 
 IGNORED_VALUES = (0, 255)
 
@@ -122,33 +129,23 @@ class VSPWDataset(VideoDataset):
                 self.data_dir / name / "mask",
             )
         file_names = [video["file_names"][i] for i in frame_indices]
-        maps, size, first = {}, None, None
+        size, label_maps = None, None
         if video["label_names"] is not None:
-            for frame in dict.fromkeys(frame_indices):
-                path = self.data_dir / name / "mask" / video["label_names"][frame]
-                maps[frame] = self.read_label_map(path)
-                if size is None:
-                    size, first = maps[frame].shape, path
-                elif maps[frame].shape != size:
-                    raise BadSampleError(
-                        f"{path}: size {maps[frame].shape} differs from {first}'s {size} in "
-                        "the same video",
-                        path,
-                    )
-        frames = []
-        for frame, file_name in zip(frame_indices, file_names):
-            if video["label_names"] is not None:
-                geometry = str(self.data_dir / name / "mask" / video["label_names"][frame])
-            else:  # unlabelled: the first frame's size
-                geometry = f"the first frame of {self.data_dir / name / 'origin'}"
-            image = load_image(self.data_dir / name / "origin" / file_name, size, geometry)
-            size = tuple(image.shape[-2:])
-            frames.append((image * 255).round_().to(torch.uint8))
-        frames = torch.stack(frames)
+            mask_dir = self.data_dir / name / "mask"
+            label_maps = self.read_maps(
+                frame_indices,
+                lambda frame: mask_dir / video["label_names"][frame],
+                self.read_label_map,
+            )
+            size = label_maps.shape[1:]
+            geometry = [str(mask_dir / video["label_names"][frame]) for frame in frame_indices]
+        else:  # unlabelled: the first frame's size
+            geometry = f"the first frame of {self.data_dir / name / 'origin'}"
+        origin = self.data_dir / name / "origin"
+        frames = load_frames([origin / file_name for file_name in file_names], size, geometry)
         shape = (len(frame_indices), *frames.shape[-2:])
-        if not maps:
+        if label_maps is None:
             return frames, {**track_target([], [], [], [], shape), "file_names": file_names}
-        label_maps = np.stack([maps[frame] for frame in frame_indices])
         classes = [int(c) for c in np.unique(label_maps) if c != 255]
         masks = [label_maps == c for c in classes]
         target = track_target(masks, classes, classes, [False] * len(classes), shape)
