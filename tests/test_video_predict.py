@@ -492,3 +492,19 @@ def test_a_frame_that_cannot_be_decoded_stops_the_run_naming_it(checkpoint, tmp_
     assert re.search(f"error: {damaged}: frame \\d+ cannot be decoded", error), error
     assert [p.name for p in out.iterdir()] == ["panoptic"]  # no partial JSON or video
     assert 0 < len(list((out / "panoptic").iterdir())) < 30
+
+
+@pytest.mark.parametrize(
+    "video_task, frame_task", [("vps", "panoptic"), ("vss", "semantic"), ("vis", "instance")]
+)
+def test_a_video_task_checkpoint_predicts_as_its_image_task(
+    tmp_path, video_file, video_task, frame_task
+):
+    """A checkpoint trained on a video task (task vps / vss / vis, as make demo-video's) predicts
+    a video without --task: its frames are written as the image task's."""
+    model, cfg = stable_videomt(video_task)
+    weights = save_as_trainer(model, cfg, tmp_path / "run")
+    assert VideoStream(Predictor.from_checkpoint(weights, device="cpu")).task.name == frame_task
+    out = tmp_path / "out"
+    run("--weights", weights, "--video", video_file, "--output", out, "--no-overlay", "--quiet")
+    assert json.loads((out / "video.json").read_text())["task"] == frame_task

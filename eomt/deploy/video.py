@@ -165,6 +165,10 @@ class VideoFrame:
     model_seconds: float = 0.0
 
 
+# A video task's frames are written as its image task writes an image.
+FRAME_TASKS = {"vis": "instance", "vps": "panoptic", "vss": "semantic"}
+
+
 class VideoStream:
     """`stream.predict(frame)` -> `VideoFrame`, keeping VidEoMT's queries between calls: the
     frames of one video, in order. A frame is any form `Predictor` accepts; frames of one video
@@ -175,7 +179,8 @@ class VideoStream:
         require_video_model(predictor.model, predictor.cfg)
         if max_tracks < 1:
             raise ValueError(f"max_tracks must be >= 1, got {max_tracks}")
-        self.predictor, self.task = predictor, get_task(task or predictor.cfg.task)
+        name = task or predictor.cfg.task
+        self.predictor, self.task = predictor, get_task(FRAME_TASKS.get(name, name))
         self.max_tracks = max_tracks
         categories = predictor.categories
         self.is_thing = [bool(c["isthing"]) for c in categories]
