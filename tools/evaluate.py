@@ -48,24 +48,13 @@ import json
 
 from eomt.cli import ToolParser, run_tool
 from eomt.evaluation.files import json_ready
-from eomt.evaluation.video_instance import VideoInstanceFiles
-from eomt.evaluation.video_panoptic import VideoPanopticFiles
-from eomt.evaluation.video_semantic import VideoSemanticFiles
 from eomt.tasks import TASKS
-
-# What scores files: the tasks, and the video evaluations, which have no image task behind them.
-SCORERS = {
-    **TASKS,
-    "vis": VideoInstanceFiles(),
-    "vps": VideoPanopticFiles(),
-    "vss": VideoSemanticFiles(),
-}
 
 
 def parse_args(argv=None):
     parser = ToolParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     tasks = parser.add_subparsers(dest="task", required=True)
-    for name, task in SCORERS.items():
+    for name, task in TASKS.items():
         subparser = tasks.add_parser(name, help=task.files_help)
         task.add_file_arguments(subparser)
         subparser.add_argument(
@@ -76,7 +65,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    summary, table = SCORERS[args.task].score_files(args)
+    summary, table = TASKS[args.task].score_files(args)
     print(json.dumps(json_ready(summary), allow_nan=False) if args.json else table)
     return summary
 
