@@ -193,7 +193,12 @@ class EoMT(MaskTransformer):
 
     @property
     def query_blocks(self) -> nn.ModuleList:
-        return self.backbone.blocks[len(self.backbone.blocks) - self.num_query_blocks :]
+        return self.backbone.blocks[len(self.encoder_blocks) :]
+
+    @property
+    def encoder_blocks(self) -> nn.ModuleList:
+        """The blocks before the query blocks (L1), which see no query."""
+        return self.backbone.blocks[: len(self.backbone.blocks) - self.num_query_blocks]
 
     def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Images (N, 3, H, W) in [0, 1] -> prefix and patch tokens, and the rotary embedding
@@ -205,7 +210,7 @@ class EoMT(MaskTransformer):
         blocks, and the blocks' keyword arguments (the rotary embedding, if any)."""
         x, rope = self.embed(images)
         block_kwargs = {} if rope is None else {"rope": rope}
-        for block in self.backbone.blocks[: len(self.backbone.blocks) - self.num_query_blocks]:
+        for block in self.encoder_blocks:
             x = block(x, **block_kwargs)
         return x, block_kwargs
 

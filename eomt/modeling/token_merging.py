@@ -307,7 +307,7 @@ class TokenMerging(nn.Module):
     def check(self, model: nn.Module) -> None:
         """Refuse, with the reason, an EoMT this merging cannot run on."""
         backbone = model.backbone
-        num_encoder = len(backbone.blocks) - model.num_query_blocks
+        num_encoder = len(model.encoder_blocks)
         for name, block in (("local_block", self.local_block), ("global_block", self.global_block)):
             if block >= num_encoder:
                 raise ValueError(
@@ -345,8 +345,7 @@ class TokenMerging(nn.Module):
         state = MergeState.identity(x.shape[0], grid[0] * grid[1], x.device)
         self.last_counts = []
         bias = None  # no merge yet: every size 1, no padding
-        num_encoder = len(backbone.blocks) - model.num_query_blocks
-        for index, block in enumerate(backbone.blocks[:num_encoder]):
+        for index, block in enumerate(model.encoder_blocks):
             if index not in (self.local_block, self.global_block):
                 x = block(x, attn_mask=bias)
                 continue
