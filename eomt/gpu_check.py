@@ -459,7 +459,12 @@ def step_token_merging(run: Run) -> dict:
     """Images/s of EoMT-L on Cityscapes-sized street scenes (`street_scene`, two 1024 windows
     each) with and without merging, batch 32 windows, timed in turns; tokens kept per merge."""
     from eomt.inference import autocast_for
-    from eomt.merging_benchmark import image_windows, merged_counts, street_scene
+    from eomt.merging_benchmark import (
+        image_windows,
+        interleaved_times,
+        merged_counts,
+        street_scene,
+    )
 
     cfg = run.cfg_of(TOKEN_MERGING_CONFIG, TOKEN_MERGING_OVERRIDES)
     if not run.cuda:  # the dry run's ViT has 2 blocks before its query blocks
@@ -474,20 +479,10 @@ def step_token_merging(run: Run) -> dict:
     scenes = [street_scene(window, 2 * window, seed=i) for i in range(batch_size // 2)]
     windows = torch.cat([image_windows(scene, cfg) for scene in scenes]).to(run.device)
     per_image = len(windows) // len(scenes)
-    times = {name: [] for name in models}
     with torch.no_grad(), autocast_for(run.device, "bf16"):
-        for model in models.values():
-            model(windows)  # warm-up
+        models["merged"](windows)  # the tokens it keeps
         tokens = merged_counts(models["merged"])
-        for index in range(rounds):
-            for name in list(models)[:: 1 if index % 2 == 0 else -1]:
-                if run.cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                models[name](windows)
-                if run.cuda:
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - start)
+        times = interleaved_times(models, [windows], rounds)
     paper = {name: paper_row(f"token_merging.{name}") for name in ("eomt", "eomt_algm")}
     result = {
         "config": TOKEN_MERGING_CONFIG,
@@ -501,8 +496,8 @@ def step_token_merging(run: Run) -> dict:
             "merged": paper["eomt_algm"]["fps"],
         },
     }
-    for name, seconds in times.items():
-        result[f"images_per_second_{name}"] = round(len(scenes) / min(seconds), 2)
+    for name, milliseconds in times.items():
+        result[f"images_per_second_{name}"] = round(1000 * len(scenes) / min(milliseconds), 2)
     result["speedup"] = round(min(times["plain"]) / min(times["merged"]), 3)
     return result
 

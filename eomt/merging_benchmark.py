@@ -122,6 +122,12 @@ def uptime() -> str:
     return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f} on {os.cpu_count()} CPUs"
 
 
+def _synchronize(batch: torch.Tensor) -> None:
+    """Wait for the GPU's queued work, so that a time is the forward's (nothing on the CPU)."""
+    if batch.is_cuda:
+        torch.cuda.synchronize(batch.device)
+
+
 @torch.no_grad()
 def interleaved_times(
     models: dict[str, nn.Module], inputs: list[torch.Tensor], rounds: int, warmup: int = 1
@@ -138,8 +144,10 @@ def interleaved_times(
         order = names if index % 2 == 0 else names[::-1]
         for batch in inputs:
             for name in order:
+                _synchronize(batch)
                 start = time.perf_counter()
                 models[name](batch)
+                _synchronize(batch)
                 times[name].append(1000 * (time.perf_counter() - start))
     return times
 
