@@ -19,15 +19,15 @@ Memory (`--memory-frames N`): a `VideoStream` (panoptic) of the VidEoMT over N f
 
 import json
 import os
-import resource
 import statistics
-import subprocess
 import time
 
 import torch
 
 from eomt.cli import ToolParser, run_tool
 from eomt.config import get_cfg
+from eomt.deploy.load_test import resident_mib
+from eomt.merging_benchmark import uptime
 from eomt.modeling import build_model
 
 
@@ -43,15 +43,6 @@ def parse_args(argv=None):
     if args.rounds < 0 or args.per_round < 1 or args.memory_frames < 0:
         parser.error("--rounds and --memory-frames must be >= 0, --per-round >= 1")
     return args
-
-
-def load() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def models(config: str, overrides: list[str]):
@@ -72,7 +63,7 @@ def frame_cost(video, image, size, rounds: int, per_round: int) -> dict:
     queries = None
     image(frames)  # warm-up
     _, queries = video.step(frames, queries)
-    before = load()
+    before = uptime()
     for index in range(rounds):
         order = ("eomt", "videomt") if index % 2 == 0 else ("videomt", "eomt")
         for name in order:
@@ -99,7 +90,7 @@ def frame_cost(video, image, size, rounds: int, per_round: int) -> dict:
         "per_round": per_round,
         "threads": torch.get_num_threads(),
         "load_before": before,
-        "load_after": load(),
+        "load_after": uptime(),
     }
 
 
@@ -118,7 +109,7 @@ def stream_memory(video, cfg, frames: int, size) -> dict:
     for index in range(frames):
         stream.predict(pictures[index % 4])
         if index + 1 in (100, frames // 2, frames):
-            marks[index + 1] = round(rss_mib(), 1)
+            marks[index + 1] = round(resident_mib(os.getpid()), 1)
     return {
         "frames": frames,
         "frame_size": list(size),
