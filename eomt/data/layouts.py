@@ -28,7 +28,6 @@ from eomt.data.images import IMAGE_SUFFIXES
 from eomt.data.semantic import SemanticDataset
 from eomt.data.synthetic import SYNTHETIC_CATEGORIES, synthetic_split_paths
 from eomt.data.synthetic_video import synthetic_video_paths
-from eomt.data.video import VideoDataset
 from eomt.data.vipseg import VIPSegDataset
 from eomt.data.vspw import VSPWDataset
 from eomt.data.ytvis import YTVISDataset
@@ -474,7 +473,7 @@ def check_dataset(
                 report(f"  MISSING {len(missing)} listed files, e.g. {missing[0]}")
             size = len(dataset)
             full = None if split_given else layout.full_sizes.get(split)
-            unit = "videos" if isinstance(dataset, VideoDataset) else "images"
+            unit = "videos" if layout.video else "images"
             report(
                 f"  {size} {unit}, {len(dataset.categories)} classes"
                 + (f" (the full split has {full} {unit})" if full not in (None, size) else "")
@@ -484,7 +483,7 @@ def check_dataset(
             count = min(num_samples, size)
             for index in sorted({round(i * (size - 1) / max(1, count - 1)) for i in range(count)}):
                 image, target = dataset[index]
-                if image.dim() == 4:  # a video's frames (T, 3, H, W) and its tracks
+                if layout.video:  # a video's frames (T, 3, H, W) and its tracks
                     report(
                         f"  sample {index}: video {target['video_id']}, {image.shape[0]} frames "
                         f"{image.shape[2]}x{image.shape[3]}, {len(target['labels'])} tracks"
