@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from eomt.cli import ToolParser
 from eomt.deploy.predictor import read_categories
 from eomt.weights import load_model
-from eomt.weights.export import official_state_dict, save_hf
+from eomt.weights.export import is_video, official_state_dict, save_hf
 from eomt.weights.files import save_atomic, save_weights
 
 
@@ -89,7 +89,7 @@ def write(model, cfg, categories, output: Path, layout: str) -> None:
             save_atomic({**state, "categories": categories}, output)
     elif layout == "official":
         state = official_state_dict(model, cfg.loss.no_object_weight)
-        if cfg.model.name == "videomt":  # its authors' layout: a detectron2 checkpoint
+        if is_video(model):  # its authors' layout: a detectron2 checkpoint
             state = {"model": state}
         save_atomic(state, output)
     else:

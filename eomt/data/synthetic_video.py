@@ -19,6 +19,7 @@ from eomt.data.synthetic import (
     IMAGE_SIZE_RANGE,
     JPEG_QUALITY,
     MIN_THING_SIZE,
+    SPLIT_NAMES,
     STUFF_CATEGORIES,
     SYNTHETIC_CATEGORIES,
     THING_CATEGORIES,
@@ -46,7 +47,6 @@ MAX_TURN = 0.12  # radians per frame
 MAX_GROWTH = 0.015  # log scale per frame
 LATE_OR_EARLY_PROBABILITY = 0.3  # a track appears after the first or vanishes before the last
 FRAME_NOISE = 0.02
-SPLIT_NAMES = ("train", "val")
 FORMATS = ("ytvis", "vipseg", "vspw")
 MARKER_FILE = "synthetic_video_complete.json"
 
@@ -264,7 +264,6 @@ def _write_split(output_dir: Path, split: str, num_videos: int, seed: int) -> No
         vspw_names.append(name)
 
     info = {"description": f"EoMT synthetic videos, {split} split", "version": GENERATOR_VERSION}
-    things = [c for c in SYNTHETIC_CATEGORIES if c["isthing"]]
     _write_json(
         paths["ytvis"]["json_file"],
         {
@@ -272,7 +271,8 @@ def _write_split(output_dir: Path, split: str, num_videos: int, seed: int) -> No
             "videos": ytvis_videos,
             "annotations": ytvis_tracks,
             "categories": [
-                {"id": c["id"], "name": c["name"], "supercategory": "shape"} for c in things
+                {"id": c["id"], "name": c["name"], "supercategory": "shape"}
+                for c in THING_CATEGORIES
             ],
         },
     )
