@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from eomt.data import BadSampleError, load_image
 from eomt.deploy.runtime import AUTOCAST_DTYPES, WEIGHT_DTYPES, sdpa_context
+from eomt.evaluation.video_postprocess import top_tracks
 from eomt.inference import resize_and_pad, restore_logits, to_uint8
 from eomt.pictures import draw_panoptic, draw_semantic, upscale_factor
 from eomt.tasks import get_task
@@ -307,25 +308,6 @@ def stable_panoptic(
                 "queries": [query],
             }
     return seg, list(segments.values())
-
-
-def top_tracks(
-    class_probs: torch.Tensor, max_tracks: int, classes: list[int] | None = None
-) -> dict[str, torch.Tensor]:
-    """The `max_tracks` best (query, class) pairs by class probability (no-object left out,
-    `classes` only when given), best first: {scores, labels, queries}, as the authors'
-    `inference_video_vis` picks a video's tracks."""
-    probs = class_probs[:, :-1]
-    candidates = torch.arange(probs.shape[1], device=probs.device)
-    if classes is not None:
-        candidates = torch.as_tensor(classes, dtype=torch.int64, device=probs.device)
-        probs = probs[:, candidates]
-    scores, flat = probs.flatten().topk(min(max_tracks, probs.numel()), sorted=True)
-    return {
-        "scores": scores,
-        "labels": candidates[flat % probs.shape[1]],
-        "queries": flat // probs.shape[1],
-    }
 
 
 # -- writing -------------------------------------------------------------------------------------

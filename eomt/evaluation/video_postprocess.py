@@ -28,6 +28,25 @@ def video_class_scores(class_logits: Tensor) -> Tensor:
     return class_logits.float().mean(0).softmax(-1)[:, :-1]
 
 
+def top_tracks(
+    class_probs: torch.Tensor, max_tracks: int, classes: list[int] | None = None
+) -> dict[str, torch.Tensor]:
+    """The `max_tracks` best (query, class) pairs by class probability (no-object left out,
+    `classes` only when given), best first: {scores, labels, queries}, as the authors'
+    `inference_video_vis` picks a video's tracks."""
+    probs = class_probs[:, :-1]
+    candidates = torch.arange(probs.shape[1], device=probs.device)
+    if classes is not None:
+        candidates = torch.as_tensor(classes, dtype=torch.int64, device=probs.device)
+        probs = probs[:, candidates]
+    scores, flat = probs.flatten().topk(min(max_tracks, probs.numel()), sorted=True)
+    return {
+        "scores": scores,
+        "labels": candidates[flat % probs.shape[1]],
+        "queries": flat // probs.shape[1],
+    }
+
+
 def video_instance_inference(
     mask_logits: Tensor,
     class_logits: Tensor,
@@ -42,15 +61,8 @@ def video_instance_inference(
     `restore` maps one frame's mask logits of the chosen queries (M, h, w) to the video's size
     (M, H, W) before thresholding (default: they are already at that size). `thing_classes`:
     the classes instances may have (a panoptic dataset's things), default all."""
-    scores = video_class_scores(class_logits)
-    classes = torch.arange(scores.shape[1], device=scores.device)
-    if thing_classes is not None:
-        classes = classes.new_tensor(thing_classes)
-        scores = scores[:, classes]
-    num_classes = scores.shape[1]
-    top_scores, flat = scores.flatten().topk(min(topk, scores.numel()))
-    queries = flat // num_classes
-    labels = classes[flat % num_classes]
+    tracks = top_tracks(class_logits.float().mean(0).softmax(-1), topk, thing_classes)
+    top_scores, labels, queries = tracks["scores"], tracks["labels"], tracks["queries"]
     chosen = queries.to(mask_logits.device)
     frames = [
         (restore(frame[chosen].float()) if restore is not None else frame[chosen].float()) > 0
