@@ -23,6 +23,7 @@ from collections import defaultdict
 import numpy as np
 
 from eomt.evaluation.files import load_json
+from eomt.evaluation.semantic import to_numpy
 
 # The order of COCOeval.stats (see eomt.evaluation.instance.COCO_STATS, the same names).
 VIS_STATS = (
@@ -308,8 +309,8 @@ class VideoInstanceEvaluator:
     def process(self, video_id: int, gt: dict, pred: dict) -> None:
         """Add one video: ``gt`` masks (N, T, H, W), labels (N,) contiguous, optional
         is_crowd (N,); ``pred`` masks (M, T, H, W) bool, scores (M,), labels (M,)."""
-        gt_masks = np.asarray(_numpy(gt["masks"]), dtype=bool)
-        pred_masks = np.asarray(_numpy(pred["masks"]), dtype=bool)
+        gt_masks = np.asarray(to_numpy(gt["masks"]), dtype=bool)
+        pred_masks = np.asarray(to_numpy(pred["masks"]), dtype=bool)
         if gt_masks.ndim != 4:
             raise ValueError(
                 f"video {video_id}: gt masks must be (N, T, H, W), got {gt_masks.shape}"
@@ -321,8 +322,8 @@ class VideoInstanceEvaluator:
                 f"truth's (T, H, W) = {(frames, height, width)}"
             )
         crowd = gt.get("is_crowd")
-        crowd = np.zeros(len(gt_masks), bool) if crowd is None else _numpy(crowd).astype(bool)
-        gt_labels = _numpy(gt["labels"]).astype(np.int64)
+        crowd = np.zeros(len(gt_masks), bool) if crowd is None else to_numpy(crowd).astype(bool)
+        gt_labels = to_numpy(gt["labels"]).astype(np.int64)
         # Non-empty tracks of thing classes (a panoptic dataset's stuff is no instance).
         things = [i for i, c in enumerate(self.categories) if c.get("isthing", 1)]
         present = gt_masks.reshape(len(gt_masks), -1).any(1) & np.isin(gt_labels, things)
@@ -336,8 +337,8 @@ class VideoInstanceEvaluator:
                 "gt_labels": gt_labels[present].tolist(),
                 "gt_crowd": crowd[present].tolist(),
                 "pred": _frame_rles(pred_masks, keep_empty=True),
-                "pred_scores": _numpy(pred["scores"]).astype(np.float64).tolist(),
-                "pred_labels": _numpy(pred["labels"]).astype(np.int64).tolist(),
+                "pred_scores": to_numpy(pred["scores"]).astype(np.float64).tolist(),
+                "pred_labels": to_numpy(pred["labels"]).astype(np.int64).tolist(),
             }
         )
 
@@ -406,7 +407,3 @@ class VideoInstanceEvaluator:
         shape = {video["id"]: video for video in videos}
         results, _ = video_ap(shape, categories, gts, dts)
         return results
-
-
-def _numpy(value) -> np.ndarray:
-    return value.cpu().numpy() if hasattr(value, "cpu") else np.asarray(value)

@@ -38,6 +38,7 @@ import numpy as np
 from eomt.evaluation.files import load_json, require_dir
 from eomt.evaluation.panoptic import _pair_counts
 from eomt.evaluation.panoptic_io import read_panoptic_png
+from eomt.evaluation.semantic import to_numpy
 
 WINDOW_FRAMES = (1, 2, 4, 6, 8)  # frames of a window; its name k is 5 (frames - 1)
 FRAME_STEP = 5
@@ -448,10 +449,6 @@ class VideoPanopticFiles:
         return summary, format_table(summary)
 
 
-def _numpy(value) -> np.ndarray:
-    return value.cpu().numpy() if hasattr(value, "cpu") else np.asarray(value)
-
-
 class VideoPanopticEvaluator:
     """VPQ of videos evaluated in memory (the training-time evaluation of task vps), with the
     rules of `vpq`: each video's frames become `Frame`s (ground-truth segment n is track n + 1,
@@ -470,11 +467,11 @@ class VideoPanopticEvaluator:
     def process(self, video_id, gt: dict, pred: dict) -> None:
         """gt: masks (N, T, H, W), labels (N,) contiguous, optional is_crowd (N,); pred:
         segments (T, H, W) ids, segments_info [{id, label}] (`video_panoptic_inference`)."""
-        masks = _numpy(gt["masks"]).astype(bool)
-        labels = _numpy(gt["labels"]).astype(np.int64)
+        masks = to_numpy(gt["masks"]).astype(bool)
+        labels = to_numpy(gt["labels"]).astype(np.int64)
         crowd = gt.get("is_crowd")
-        crowd = np.zeros(len(masks), bool) if crowd is None else _numpy(crowd).astype(bool)
-        segments = _numpy(pred["segments"]).astype(np.int64)
+        crowd = np.zeros(len(masks), bool) if crowd is None else to_numpy(crowd).astype(bool)
+        segments = to_numpy(pred["segments"]).astype(np.int64)
         if masks.ndim != 4 or segments.shape != masks.shape[1:]:
             raise ValueError(
                 f"video {video_id}: predicted segments {segments.shape} and ground-truth "

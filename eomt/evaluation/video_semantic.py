@@ -38,6 +38,7 @@ import numpy as np
 from PIL import Image
 
 from eomt.evaluation.files import require_dir
+from eomt.evaluation.semantic import to_numpy
 
 NUM_CLASSES = 124
 CLIP_FRAMES = (8, 16)
@@ -244,11 +245,8 @@ class VideoSemanticEvaluator:
 
     def process(self, video_id, gt: dict, pred) -> None:
         """gt: masks (N, T, H, W), labels (N,) contiguous; pred: classes (T, H, W)."""
-        masks = (
-            gt["masks"].cpu().numpy().astype(bool) if hasattr(gt["masks"], "cpu") else gt["masks"]
-        )
-        labels = np.asarray(gt["labels"].cpu() if hasattr(gt["labels"], "cpu") else gt["labels"])
-        pred = pred.cpu().numpy() if hasattr(pred, "cpu") else np.asarray(pred)
+        masks = to_numpy(gt["masks"]).astype(bool)
+        labels, pred = to_numpy(gt["labels"]), to_numpy(pred)
 
         def frames():
             for t in range(pred.shape[0]):
