@@ -269,20 +269,19 @@ def _frame_rles(masks, keep_empty: bool) -> list[list]:
     """Per track of (N, T, H, W) boolean masks, per frame its compressed RLE (counts as str),
     or None for an empty frame unless `keep_empty` (predictions keep every frame, as the
     authors' results files do)."""
-    from pycocotools import mask as mask_util
+    from eomt.evaluation.instance import _encode_masks  # pycocotools, imported when used
 
     masks = np.asarray(masks, dtype=bool)
-    tracks = []
-    for track in masks:
-        frames = []
-        for frame in track:
-            if not keep_empty and not frame.any():
-                frames.append(None)
-                continue
-            rle = mask_util.encode(np.asfortranarray(frame.astype(np.uint8)))
-            frames.append({"size": rle["size"], "counts": rle["counts"].decode("ascii")})
-        tracks.append(frames)
-    return tracks
+    size = list(masks.shape[-2:])
+    return [
+        [
+            None
+            if not keep_empty and not frame.any()
+            else {"size": size, "counts": counts.decode("ascii")}
+            for frame, counts in zip(track, _encode_masks(track))
+        ]
+        for track in masks
+    ]
 
 
 def _rle_areas(frames: list) -> list:
