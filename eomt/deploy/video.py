@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from eomt.data import BadSampleError, load_image
 from eomt.deploy.runtime import AUTOCAST_DTYPES, WEIGHT_DTYPES, sdpa_context
+from eomt.evaluation.postprocess import panoptic_segments
 from eomt.evaluation.video_postprocess import top_tracks
 from eomt.inference import resize_and_pad, restore_logits, to_uint8
 from eomt.pictures import draw_panoptic, draw_semantic, upscale_factor
@@ -281,21 +282,14 @@ def stable_panoptic(
     if not len(kept):
         return seg, []
     mask_probs = mask_logits[kept].float().sigmoid()
-    owner = (scores[kept][:, None, None].to(mask_probs) * mask_probs).argmax(0)
+    queries = kept.tolist()
     segments: dict[int, dict] = {}
-    for index, query in enumerate(kept.tolist()):
-        label = int(classes[query])
-        owned = owner == index
-        foreground = mask_probs[index] >= 0.5
-        segment_mask = owned & foreground
-        owned_area, foreground_area = int(owned.sum()), int(foreground.sum())
-        if owned_area == 0 or foreground_area == 0 or not segment_mask.any():
-            continue
-        if owned_area / foreground_area < overlap_threshold:
-            continue
-        thing, score = bool(is_thing[label]), float(scores[query])
+    for index, segment_mask, label, score in panoptic_segments(
+        mask_probs, scores[kept].to(mask_probs), classes[kept], overlap_threshold
+    ):
+        query, thing = queries[index], bool(is_thing[label])
         segment_id = query + 1 if thing else num_queries + 1 + label
-        seg[segment_mask] = segment_id
+        seg.masked_fill_(segment_mask, segment_id)
         if segment_id in segments:  # stuff of a class already present: one segment
             segments[segment_id]["score"] = max(segments[segment_id]["score"], score)
             segments[segment_id]["queries"].append(query)

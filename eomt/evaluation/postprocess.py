@@ -73,6 +73,31 @@ def instance_inference(
     return {"masks": masks, "scores": top_probs * mask_scores, "labels": labels}
 
 
+def panoptic_segments(
+    mask_probs: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, overlap_threshold: float
+):
+    """Mask2Former's assignment of pixels to the kept queries (mask_probs (Q, H, W), scores
+    and classes (Q,)): each pixel to the query with the largest score x mask probability; a
+    query's segment is the pixels it owns where its probability >= 0.5. Yields (index of the
+    query, segment mask, class, score) for each query, in order, whose segment is not empty and
+    whose owned area is at least `overlap_threshold` of its area at >= 0.5. The areas are
+    counted for all queries at once: one read from the device."""
+    owner = (scores[:, None, None] * mask_probs).argmax(dim=0)
+    foreground = mask_probs >= 0.5
+    owned_area = torch.bincount(owner.flatten(), minlength=len(scores))
+    owner_foreground = foreground.gather(0, owner[None])[0]
+    segment_area = torch.zeros_like(owned_area).scatter_add_(
+        0, owner.flatten(), owner_foreground.flatten().long()
+    )
+    areas = torch.stack((owned_area, foreground.flatten(1).sum(1), segment_area), 1).tolist()
+    for index, ((owned, in_mask, segment), category, score) in enumerate(
+        zip(areas, classes.tolist(), scores.tolist())
+    ):
+        if owned == 0 or in_mask == 0 or segment == 0 or owned / in_mask < overlap_threshold:
+            continue
+        yield index, (owner == index) & foreground[index], category, score
+
+
 def panoptic_inference(
     mask_logits: torch.Tensor,
     class_logits: torch.Tensor,
@@ -111,25 +136,14 @@ def panoptic_inference(
     if not keep.any():
         return segmentation, segments
 
-    owner = (scores[:, None, None] * mask_probs).argmax(dim=0)
     stuff_segment_by_class: dict[int, dict] = {}
-    for query in range(len(classes)):
-        category = int(classes[query])
-        owned = owner == query
-        foreground = mask_probs[query] >= 0.5
-        segment_mask = owned & foreground
-        owned_area = int(owned.sum())
-        foreground_area = int(foreground.sum())
-        if owned_area == 0 or foreground_area == 0 or not segment_mask.any():
-            continue
-        if owned_area / foreground_area < overlap_threshold:
-            continue
-
-        score = float(scores[query])
+    for _, segment_mask, category, score in panoptic_segments(
+        mask_probs, scores, classes, overlap_threshold
+    ):
         thing = bool(is_thing[category])
         if not thing and category in stuff_segment_by_class:
             merged = stuff_segment_by_class[category]
-            segmentation[segment_mask] = merged["id"]
+            segmentation.masked_fill_(segment_mask, merged["id"])
             merged["score"] = max(merged["score"], score)
             continue
 
@@ -140,7 +154,7 @@ def panoptic_inference(
             "isthing": int(thing),
             "score": score,
         }
-        segmentation[segment_mask] = segment["id"]
+        segmentation.masked_fill_(segment_mask, segment["id"])
         segments.append(segment)
         if not thing:
             stuff_segment_by_class[category] = segment
